@@ -1,0 +1,505 @@
+"""The SMTP edge: outbox rows -> SMTP (aiosmtplib), with bounded retries.
+
+The outbox is a table (:class:`~helpdesk.models.Outbox`): the pipeline adds a row in the
+same transaction as the ticket (:func:`enqueue`), and :func:`deliver_due` sends it later.
+
+Invariants:
+- a row is claimed before it is sent (``locked_by``/``locked_until``, in a short committed
+  transaction; ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several workers can share one
+  database and never send the same row twice while its lock holds);
+- each result is recorded in its own short transaction right after the SMTP reply, so a
+  crash between the server's "250" and the commit re-sends at most that one mail, with the
+  same Message-ID (the patient's client folds it as a duplicate);
+- only failures we name are retried: :class:`TransientDeliveryError` (connection trouble,
+  4xx) with exponential backoff and full jitter until the row's deadline;
+  :class:`PermanentDeliveryError` (5xx) fails that row at once with the server's reason, and
+  never blocks the other rows;
+- lane 0 (crisis replies, escalations) retries sooner, and a worker drains it with its own
+  loop and its own connection (``deliver_due(lanes=(0,))``), so it never waits behind a
+  routine backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from typing import Protocol
+
+import aiosmtplib
+from sqlalchemy import func, update
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from helpdesk.compose import safe_header_value, to_bytes
+from helpdesk.config import Settings
+from helpdesk.errors import (
+    ConfigError,
+    DeliveryError,
+    InvalidInputError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from helpdesk.models import Outbox
+
+log = logging.getLogger(__name__)
+
+PENDING, SENT, FAILED = "pending", "sent", "failed"
+_MAX_ERROR = 1000
+# After this many transient failures in a row, stop the pass: the server is down or
+# refusing everything, and each further row would only wait out its own timeout.
+_TRANSIENT_STREAK_LIMIT = 3
+
+
+# --- the sender seam ------------------------------------------------------------------
+
+
+class Sender(Protocol):
+    async def send(self, *, mail_from: str, recipient: str, raw: bytes) -> None:
+        """Deliver one mail, or raise TransientDeliveryError / PermanentDeliveryError."""
+
+    async def close(self) -> None: ...
+
+
+def _reply_error(code: int, message: str) -> DeliveryError:
+    text = f"{code} {message}".strip()
+    if 500 <= code < 600:
+        return PermanentDeliveryError(text)
+    return TransientDeliveryError(text)
+
+
+class SmtpSender:
+    """One reused SMTP connection (aiosmtplib), opened lazily and re-opened after a failure.
+
+    Sends one mail at a time (SMTP is a dialogue); run one sender per concurrent loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        security: str,
+        user: str = "",
+        password: str = "",
+        timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        idle_check_seconds: float = 10.0,
+        name: str = "",
+    ) -> None:
+        if security not in ("ssl", "starttls", "none"):
+            raise ConfigError(f"SMTP security must be ssl, starttls or none, not {security!r}")
+        self.host, self.port, self.security = host, port, security
+        self.user, self._password = user, password
+        self.timeout = timeout
+        self.ssl_context = ssl_context
+        self.idle_check_seconds = idle_check_seconds
+        self.name = name
+        self.connections = 0  # opened so far; for metrics and tests
+        self._client: aiosmtplib.SMTP | None = None
+        self._last_used = 0.0
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, lane: str = "") -> SmtpSender:
+        if not settings.smtp_host:
+            raise ConfigError("HELPDESK_SMTP_HOST is not set")
+        return cls(
+            host=settings.smtp_host,
+            port=settings.smtp_port_effective,
+            security=settings.smtp_security,
+            user=settings.smtp_user,
+            password=settings.smtp_password.get_secret_value(),
+            timeout=settings.smtp_timeout,
+            name=lane,
+        )
+
+    def _new_client(self) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.security == "ssl",
+            start_tls=self.security == "starttls",
+            timeout=self.timeout,
+            tls_context=self.ssl_context,
+        )
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = self._new_client()
+        try:
+            await client.connect()
+            if self.user:
+                await client.login(self.user, self._password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            # A bad password is a configuration problem, not this mail's: retry, don't fail.
+            raise TransientDeliveryError(f"SMTP login failed: {exc.code} {exc.message}") from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            client.close()
+            raise TransientDeliveryError(
+                f"cannot connect to SMTP {self.host}:{self.port}: {exc}"
+            ) from exc
+        self.connections += 1
+        return client
+
+    async def _usable_client(self) -> aiosmtplib.SMTP:
+        client = self._client
+        if client is not None and client.is_connected:
+            if time.monotonic() - self._last_used < self.idle_check_seconds:
+                return client
+            try:  # servers drop idle connections; find out before we start a mail
+                await client.noop()
+                return client
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                self._drop()
+        self._drop()
+        self._client = await self._connect()
+        return self._client
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def send(self, *, mail_from: str, recipient: str, raw: bytes) -> None:
+        async with self._lock:
+            client = await self._usable_client()
+            try:
+                errors, _ = await client.sendmail(mail_from, [recipient], raw)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                refused = exc.recipients[0]
+                raise _reply_error(refused.code, refused.message) from exc
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code == 421:  # the server is closing the connection
+                    self._drop()
+                raise _reply_error(exc.code, exc.message) from exc
+            except (aiosmtplib.SMTPNotSupported, ValueError) as exc:
+                raise PermanentDeliveryError(f"cannot be sent: {exc}") from exc
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                self._drop()
+                raise TransientDeliveryError(f"SMTP connection failed: {exc}") from exc
+            finally:
+                self._last_used = time.monotonic()
+            if recipient in errors:  # only with several recipients; kept for completeness
+                raise _reply_error(errors[recipient].code, errors[recipient].message)
+
+    async def close(self) -> None:
+        async with self._lock:
+            client, self._client = self._client, None
+            if client is not None and client.is_connected:
+                try:
+                    await asyncio.wait_for(client.quit(), timeout=min(self.timeout, 5.0))
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    client.close()
+
+
+async def check_smtp(settings: Settings) -> str:
+    """One line for ``helpdesk check``: connect, EHLO and (if configured) log in.
+
+    Returns the line on success; raises :class:`TransientDeliveryError` with a one-line
+    reason on failure, :class:`ConfigError` when no SMTP host is configured.
+    """
+    sender = SmtpSender.from_settings(settings)
+    started = time.monotonic()
+    client = await sender._connect()
+    try:
+        if not client.last_ehlo_response:
+            await client.ehlo()
+        response = client.last_ehlo_response
+        ehlo = response.message.splitlines()[0] if response else ""
+    finally:
+        try:
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()
+    login = f", logged in as {settings.smtp_user}" if settings.smtp_user else ""
+    return (
+        f"smtp ok: {settings.smtp_host}:{settings.smtp_port_effective}"
+        f" ({settings.smtp_security}{login}) in {time.monotonic() - started:.2f}s: {ehlo}"
+    )
+
+
+# --- the outbox table -----------------------------------------------------------------
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    msg: EmailMessage,
+    kind: str,
+    recipient: str,
+    mail_from: str,
+    ticket_id: int | None,
+    lane: int,
+    now: datetime,
+    deadline: timedelta,
+) -> Outbox:
+    """Add one mail to the outbox (``session.add`` only: the caller commits, together with
+    the ticket it belongs to)."""
+    message_id = msg["Message-ID"]
+    if not message_id:
+        raise InvalidInputError("an outbox mail needs a Message-ID")
+    row = Outbox(
+        ticket_id=ticket_id,
+        kind=kind,
+        lane=lane,
+        recipient=safe_header_value(recipient),
+        mail_from=safe_header_value(mail_from),
+        message_id=safe_header_value(str(message_id)),
+        raw=to_bytes(msg),
+        status=PENDING,
+        attempts=0,
+        next_attempt_at=now,
+        deadline_at=now + deadline,
+        created_at=now,
+    )
+    session.add(row)
+    return row
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with full jitter. ``base == 0`` makes every retry instant
+    (tests). Lane 0 uses ``priority_base``/``priority_cap``."""
+
+    base: float
+    cap: float
+    priority_base: float = 2.0
+    priority_cap: float = 30.0
+    jitter: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(base=settings.outbox_retry_base_seconds, cap=settings.outbox_retry_max_seconds)
+
+    def delay(self, attempts: int, lane: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        if self.base <= 0:
+            return 0.0
+        base, cap = (self.priority_base, self.priority_cap) if lane == 0 else (self.base, self.cap)
+        ceiling = min(cap, base * 2 ** min(max(attempts, 1) - 1, 32))
+        return random.uniform(0, ceiling) if self.jitter else ceiling
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    sent: int
+    retried: int
+    failed: int
+
+    def __add__(self, other: DeliveryReport) -> DeliveryReport:
+        return DeliveryReport(
+            self.sent + other.sent, self.retried + other.retried, self.failed + other.failed
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    id: int
+    lane: int
+    recipient: str
+    mail_from: str
+    raw: bytes
+    attempts: int
+    deadline_at: datetime
+
+
+async def _claim(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    worker_id: str,
+    now: datetime,
+    lanes: Sequence[int],
+    limit: int,
+    lock_seconds: float,
+    exclude: set[int],
+) -> list[_Claimed]:
+    async with sessions() as session:
+        query = (
+            select(Outbox.id)
+            .where(
+                Outbox.status == PENDING,
+                col(Outbox.lane).in_(list(lanes)),
+                Outbox.next_attempt_at <= now,
+                (col(Outbox.locked_until).is_(None)) | (col(Outbox.locked_until) < now),
+            )
+            .order_by(col(Outbox.lane), col(Outbox.next_attempt_at), col(Outbox.id))
+            .limit(limit)
+            # PostgreSQL: rows another worker is claiming are skipped, not waited for.
+            # SQLite ignores this; its single writer makes the update below a compare-and-set.
+            .with_for_update(skip_locked=True)
+        )
+        if exclude:
+            query = query.where(col(Outbox.id).not_in(sorted(exclude)))
+        ids = list((await session.exec(query)).all())
+        if not ids:
+            await session.rollback()
+            return []
+        claimed = await session.exec(
+            update(Outbox)
+            .where(
+                col(Outbox.id).in_(ids),
+                col(Outbox.status) == PENDING,
+                (col(Outbox.locked_until).is_(None)) | (col(Outbox.locked_until) < now),
+            )
+            .values(locked_by=worker_id, locked_until=now + timedelta(seconds=lock_seconds))
+            .returning(
+                col(Outbox.id),
+                col(Outbox.lane),
+                col(Outbox.recipient),
+                col(Outbox.mail_from),
+                col(Outbox.raw),
+                col(Outbox.attempts),
+                col(Outbox.deadline_at),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        rows = [_Claimed(*row) for row in claimed.all()]
+        await session.commit()
+    rows.sort(key=lambda r: ids.index(r.id))
+    return rows
+
+
+async def _record(
+    sessions: async_sessionmaker[AsyncSession], row_id: int, **values: object
+) -> None:
+    async with sessions() as session:
+        await session.exec(
+            update(Outbox)
+            .where(col(Outbox.id) == row_id)
+            .values(locked_by=None, locked_until=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+        await session.commit()
+
+
+async def _release(
+    sessions: async_sessionmaker[AsyncSession], worker_id: str, ids: Sequence[int]
+) -> None:
+    """Give back rows we claimed but did not try, untouched."""
+    async with sessions() as session:
+        await session.exec(
+            update(Outbox)
+            .where(col(Outbox.id).in_(list(ids)), col(Outbox.locked_by) == worker_id)
+            .values(locked_by=None, locked_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        await session.commit()
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 1] + "…"
+
+
+async def deliver_due(
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    sender: Sender,
+    worker_id: str,
+    now: Callable[[], datetime],
+    policy: RetryPolicy,
+    lanes: Sequence[int] = (0, 1),
+    batch_size: int = 50,
+    lock_seconds: float = 120.0,
+) -> DeliveryReport:
+    """Send every due row of ``lanes``, batch after batch, until none is due.
+
+    A row that fails transiently is not tried again in the same call, even when its retry
+    is due at once (``base=0``); after a few transient failures in a row the call stops
+    early and gives back the rest of its batch (the server is down: don't queue timeouts).
+    """
+    sent = retried = failed = 0
+    tried_again_later: set[int] = set()
+    while True:
+        batch = await _claim(
+            sessions,
+            worker_id=worker_id,
+            now=now(),
+            lanes=lanes,
+            limit=batch_size,
+            lock_seconds=lock_seconds,
+            exclude=tried_again_later,
+        )
+        if not batch:
+            break
+        streak = 0
+        for index, row in enumerate(batch):
+            attempts = row.attempts + 1
+            if now() > row.deadline_at:
+                await _record(
+                    sessions,
+                    row.id,
+                    status=FAILED,
+                    last_error=_clip(f"deadline passed before delivery ({row.attempts} attempts)"),
+                )
+                failed += 1
+                continue
+            try:
+                await sender.send(mail_from=row.mail_from, recipient=row.recipient, raw=row.raw)
+            except PermanentDeliveryError as exc:
+                log.warning("outbox %s to %s failed: %s", row.id, row.recipient, exc)
+                await _record(
+                    sessions, row.id, status=FAILED, attempts=attempts, last_error=_clip(str(exc))
+                )
+                failed += 1
+                streak = 0
+                continue
+            except Exception as exc:  # any other failure is retried too, bounded by the deadline
+                if not isinstance(exc, TransientDeliveryError):
+                    log.exception("outbox %s: unexpected error from the sender", row.id)
+                error = _clip(str(exc) or type(exc).__name__)
+                current = now()
+                retry_at = current + timedelta(seconds=policy.delay(attempts, row.lane))
+                if retry_at >= row.deadline_at:
+                    await _record(
+                        sessions,
+                        row.id,
+                        status=FAILED,
+                        attempts=attempts,
+                        last_error=_clip(f"deadline reached after {attempts} attempts: {error}"),
+                    )
+                    failed += 1
+                else:
+                    await _record(
+                        sessions,
+                        row.id,
+                        attempts=attempts,
+                        next_attempt_at=retry_at,
+                        last_error=error,
+                    )
+                    tried_again_later.add(row.id)
+                    retried += 1
+                streak += 1
+                if streak >= _TRANSIENT_STREAK_LIMIT:
+                    rest = [r.id for r in batch[index + 1 :]]
+                    if rest:
+                        await _release(sessions, worker_id, rest)
+                    return DeliveryReport(sent, retried, failed)
+                continue
+            await _record(
+                sessions, row.id, status=SENT, attempts=attempts, sent_at=now(), last_error=None
+            )
+            sent += 1
+            streak = 0
+    return DeliveryReport(sent, retried, failed)
+
+
+async def outbox_backlog(session: AsyncSession) -> dict[str, int]:
+    """Row counts by status, and pending rows by lane (``pending_lane_0``…)."""
+    counts = {PENDING: 0, SENT: 0, FAILED: 0}
+    by_status = select(Outbox.status, func.count()).group_by(col(Outbox.status))
+    for status, count in (await session.exec(by_status)).all():
+        counts[status] = count
+    by_lane = (
+        select(Outbox.lane, func.count()).where(Outbox.status == PENDING).group_by(col(Outbox.lane))
+    )
+    for lane, count in (await session.exec(by_lane)).all():
+        counts[f"pending_lane_{lane}"] = count
+    return counts
