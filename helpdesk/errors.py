@@ -4,7 +4,7 @@ not exceptions; these are for failures.
     HelpdeskError
     ├── ConfigError              bad or missing settings (one line per bad value)
     ├── NotFoundError            a ticket, user or rota member that does not exist
-    ├── InvalidInputError        a value from a user or a mail that we refuse (e.g. CR/LF in a header)
+    ├── InvalidInputError        a value we refuse (e.g. CR/LF in a header)
     └── DeliveryError            SMTP delivery of one outbox item failed
         ├── TransientDeliveryError   connection errors, 4xx: retried with backoff
         └── PermanentDeliveryError   5xx: recorded with the reason, never retried

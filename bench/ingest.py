@@ -1,0 +1,151 @@
+"""Benchmark the whole ingest path: IMAP (Dovecot) -> ticket committed -> ack accepted by SMTP.
+
+    .venv/bin/python bench/ingest.py                      # N = 1,000 and 5,000 on SQLite
+    .venv/bin/python bench/ingest.py --n 2000 --database postgresql+asyncpg://postgres@127.0.0.1:5432/test
+
+For each N it starts a throwaway Dovecot and an aiosmtpd receiver, APPENDs N realistic
+2-4 KB patient mails (a fifth with an HTML part, a tenth with an attachment, every sender
+distinct so no ack is rate-limited), runs ``helpdesk worker --once`` as a subprocess and
+prints messages/second for the whole path, acks delivered and the worker's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpdesk import migrations  # noqa: E402
+from helpdesk.config import load_settings  # noqa: E402
+from helpdesk.testing.dovecot import DovecotServer  # noqa: E402
+from helpdesk.testing.smtp import SmtpReceiver  # noqa: E402
+from tests.factories import SUPPORT, patient_mail  # noqa: E402
+
+
+def make_mails(n: int, seed: int = 7) -> list[bytes]:
+    rng = random.Random(seed)
+    mails = []
+    for i in range(n):
+        html = None
+        if i % 5 == 0:
+            html = (
+                "<html><body><p>Hello,</p><p>"
+                + "I have a question about my visit. " * 20
+                + "</p></body></html>"
+            )
+        attachment = None
+        if i % 10 == 3:
+            attachment = (
+                "insurance-card.pdf",
+                bytes(rng.getrandbits(8) for _ in range(600)),
+                "application/pdf",
+            )
+        mails.append(
+            patient_mail(
+                sender=f"Patient {i} <patient{i}.{uuid.uuid4().hex[:6]}@patients.test>",
+                subject=f"Question {i} about my account",
+                html=html,
+                attachment=attachment,
+                size_hint=rng.randint(1800, 3200),
+                rng=rng,
+            )
+        )
+    return mails
+
+
+async def _create_pg_db(admin_url: str) -> str:
+    import asyncpg
+
+    name = f"hd_bench_{uuid.uuid4().hex[:8]}"
+    dsn = admin_url.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def run_one(n: int, database: str | None, workers: int) -> dict[str, object]:
+    tmp = Path(tempfile.mkdtemp(prefix="hd-bench-"))
+    if database and database.startswith("postgres"):
+        url = asyncio.run(_create_pg_db(database))
+    else:
+        url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+    mails = make_mails(n)
+    with DovecotServer() as dovecot, SmtpReceiver() as smtp:
+        account = dovecot.new_account("bench")
+        t0 = time.perf_counter()
+        dovecot.append_many(account.user, account.password, mails)
+        append_s = time.perf_counter() - t0
+        env = dict(os.environ)
+        env.update(
+            HELPDESK_DATABASE_URL=url,
+            HELPDESK_IMAP_HOST=account.host,
+            HELPDESK_IMAP_PORT=str(account.port),
+            HELPDESK_IMAP_USER=account.user,
+            HELPDESK_IMAP_PASSWORD=account.password,
+            HELPDESK_IMAP_SECURITY="none",
+            HELPDESK_SMTP_HOST=smtp.host,
+            HELPDESK_SMTP_PORT=str(smtp.port),
+            HELPDESK_SMTP_SECURITY="none",
+            HELPDESK_SUPPORT_ADDRESS=SUPPORT,
+            HELPDESK_LOG_LEVEL="WARNING",
+        )
+        migrations.upgrade(load_settings(database_url=url))
+        cmd = [str(ROOT / ".venv" / "bin" / "helpdesk"), "worker", "--once"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE) for _ in range(workers)]
+        outputs = [p.communicate()[0] for p in procs]
+        wall = time.perf_counter() - t0
+        rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"worker failed: {[p.returncode for p in procs]}")
+        reports = [json.loads(o.decode().strip().splitlines()[-1]) for o in outputs]
+        acks = len(smtp.messages)
+        distinct = len({m.message_id for m in smtp.messages})
+    elapsed = max(float(r.get("elapsed", wall)) for r in reports)
+    return {
+        "n": n,
+        "database": url.split("://")[0],
+        "workers": workers,
+        "append_per_s": round(n / append_s),
+        "worker_wall_s": round(wall, 2),
+        "ingest_s": round(elapsed, 2),
+        "msg_per_s": round(n / elapsed),
+        "tickets": sum(r["poll"]["created"] for r in reports),
+        "acks_delivered": acks,
+        "acks_distinct": distinct,
+        "peak_rss_mb": round(max(rss_kb, before) / 1024, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", default="1000,5000", help="comma-separated mail counts")
+    ap.add_argument(
+        "--database", default=None, help="postgresql+asyncpg://… admin URL (default: SQLite)"
+    )
+    ap.add_argument("--workers", default="1", help="comma-separated worker counts (PostgreSQL)")
+    args = ap.parse_args()
+    for workers in [int(w) for w in args.workers.split(",")]:
+        for n in [int(x) for x in args.n.split(",")]:
+            print(f"ingesting {n} mails with {workers} worker(s)…", file=sys.stderr, flush=True)
+            print(json.dumps(run_one(n, args.database, workers)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,592 @@
+"""One batch of fetched mail: parse -> classify -> tickets -> compose -> outbox, committed once.
+
+The worker hands over ``(uid, raw bytes)`` pairs; this module turns them into tickets,
+messages, attachments, acknowledgements, crisis replies and escalations, and moves the
+mailbox cursor, all in one transaction (the transactional outbox): either everything a mail
+caused is stored, or nothing is and the mail is fetched again.
+
+Invariants:
+- idempotent: a Message-ID already stored is a duplicate and changes nothing, so a batch
+  replayed after a crash, or a re-scan after a UIDVALIDITY change, creates no second ticket;
+- exactly one acknowledgement per ticket, never to a robot, a list, a bounce, our own address,
+  nor past the per-sender limit; the ticket is recorded whatever happens to the reply;
+- a crisis reply is never rate-limited and goes through the priority lane (0);
+- a mail that breaks a step is set aside in ``rejected_mail`` with its raw bytes and the
+  reason, and never blocks the mails behind it;
+- nothing here logs a body, a subject or an address: only ids, references and rule ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
+
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from helpdesk import compose, escalation, outbox, tickets
+from helpdesk.classify import Classification, classify, classify_unreadable
+from helpdesk.config import Settings
+from helpdesk.crisis import CrisisResult, detect
+from helpdesk.db import SessionFactory
+from helpdesk.models import MailboxState, Message, RejectedMail, Ticket, utcnow
+from helpdesk.parse import InboundEmail, ParseError, parse
+
+log = logging.getLogger(__name__)
+
+Action = Literal["created", "appended", "duplicate", "rejected"]
+
+
+class RawMail(Protocol):
+    @property
+    def uid(self) -> int: ...
+    @property
+    def raw(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one mail. ``reply`` is what we sent back, or why we did not."""
+
+    uid: int | None
+    message_id: str
+    action: Action
+    reference: str | None
+    reply: str
+    crisis_tier: int | None = None
+    rule_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The pure half of processing one mail, done before any database work."""
+
+    uid: int | None
+    raw: bytes
+    email: InboundEmail | None
+    classification: Classification | None
+    error: str | None  # why it could not be parsed or classified
+    crisis: CrisisResult
+
+    @property
+    def message_id(self) -> str:
+        if self.email is not None:
+            return self.email.message_id
+        digest = hashlib.sha256(self.raw).hexdigest()[:32]
+        return f"<{digest}@unreadable.helpdesk.invalid>"
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    enqueued_priority: int = 0
+    enqueued_routine: int = 0
+
+
+def prepare(
+    raw: bytes,
+    *,
+    uid: int | None,
+    own_addresses: frozenset[str],
+    own_templates: Sequence[str],
+) -> Prepared:
+    """Parse and classify one mail. Pure; never raises."""
+    try:
+        email = parse(raw)
+    except ParseError as exc:
+        text = raw[:200_000].decode("utf-8", "replace")
+        found = detect("", text)
+        crisis = found if found.tier is not None else classify_unreadable(f"unparseable: {exc}")
+        return Prepared(uid, raw, None, None, f"unparseable: {exc}", crisis)
+    except Exception as exc:  # a parser bug must not lose the mail
+        return Prepared(
+            uid,
+            raw,
+            None,
+            None,
+            f"parser error: {type(exc).__name__}",
+            classify_unreadable("parser error"),
+        )
+    try:
+        classification = classify(email, own_addresses=own_addresses, own_templates=own_templates)
+    except Exception as exc:
+        return Prepared(
+            uid,
+            raw,
+            email,
+            None,
+            f"classifier error: {type(exc).__name__}",
+            classify_unreadable("classifier error"),
+        )
+    return Prepared(uid, raw, email, classification, None, classification.crisis)
+
+
+class Pipeline:
+    """Turns batches of raw mail into stored tickets and queued replies."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: SessionFactory,
+        mailbox: str = "default",
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.mailbox = mailbox
+        self.clock = clock
+        self.identity = compose.Identity(
+            address=settings.support_address,
+            name=settings.support_name,
+            message_id_domain=settings.message_id_domain_effective,
+            base_url=settings.base_url,
+        )
+        self.own_addresses = frozenset({settings.support_address.lower()})
+        self.own_templates = compose.own_template_texts()
+
+    def prepare(self, raw: bytes, uid: int | None = None) -> Prepared:
+        return prepare(
+            raw, uid=uid, own_addresses=self.own_addresses, own_templates=self.own_templates
+        )
+
+    async def ingest(
+        self,
+        mails: Sequence[RawMail],
+        *,
+        folder: str,
+        uidvalidity: int | None,
+    ) -> BatchResult:
+        """Store one fetched batch and move the cursor past it, in one transaction.
+
+        When the batch transaction fails, each mail is retried in a transaction of its own
+        and one that still fails is set aside as a poison mail, so it never blocks the rest.
+        """
+        prepared = [self.prepare(m.raw, m.uid) for m in mails]
+        try:
+            async with self.sessions() as session, session.begin():
+                result = await self._store(
+                    session, prepared, folder=folder, uidvalidity=uidvalidity
+                )
+            return result
+        except Exception as exc:
+            if len(prepared) == 1:
+                log.warning(
+                    "mail failed, setting it aside",
+                    extra={"uid": prepared[0].uid, "error": type(exc).__name__},
+                )
+                return await self._set_aside(
+                    prepared[0], exc, folder=folder, uidvalidity=uidvalidity
+                )
+            log.warning(
+                "batch failed, retrying mail by mail",
+                extra={"batch": len(prepared), "error": type(exc).__name__},
+            )
+        total = BatchResult()
+        for one in prepared:
+            try:
+                async with self.sessions() as session, session.begin():
+                    result = await self._store(
+                        session, [one], folder=folder, uidvalidity=uidvalidity
+                    )
+            except Exception as exc:
+                log.warning(
+                    "mail failed, setting it aside",
+                    extra={"uid": one.uid, "error": type(exc).__name__},
+                )
+                result = await self._set_aside(one, exc, folder=folder, uidvalidity=uidvalidity)
+            total.outcomes.extend(result.outcomes)
+            total.enqueued_priority += result.enqueued_priority
+            total.enqueued_routine += result.enqueued_routine
+        return total
+
+    async def _set_aside(
+        self, one: Prepared, exc: BaseException, *, folder: str, uidvalidity: int | None
+    ) -> BatchResult:
+        """Record a poison mail with its bytes and the error, and move the cursor past it."""
+        now = self.clock()
+        async with self.sessions() as session, session.begin():
+            session.add(
+                RejectedMail(
+                    mailbox=self.mailbox,
+                    folder=folder,
+                    uidvalidity=uidvalidity,
+                    uid=one.uid,
+                    sha256=hashlib.sha256(one.raw).hexdigest(),
+                    raw=one.raw,
+                    reason="processing failed",
+                    detail=f"{type(exc).__name__}: {str(exc)[:300]}",
+                    created_at=now,
+                )
+            )
+            if one.uid is not None:
+                await self._advance(
+                    session, folder=folder, uidvalidity=uidvalidity, uid=one.uid, now=now
+                )
+        return BatchResult(
+            outcomes=[Outcome(one.uid, one.message_id, "rejected", None, "none: processing failed")]
+        )
+
+    async def _advance(
+        self,
+        session: AsyncSession,
+        *,
+        folder: str,
+        uidvalidity: int | None,
+        uid: int,
+        now: datetime,
+    ) -> None:
+        state = await mailbox_state(session, mailbox=self.mailbox, folder=folder)
+        if uid > state.last_uid or state.uidvalidity != uidvalidity:
+            state.last_uid = max(uid, state.last_uid if state.uidvalidity == uidvalidity else 0)
+        state.uidvalidity = uidvalidity
+        state.updated_at = now
+
+    async def _store(
+        self,
+        session: AsyncSession,
+        prepared: Sequence[Prepared],
+        *,
+        folder: str,
+        uidvalidity: int | None,
+    ) -> BatchResult:
+        now = self.clock()
+        result = BatchResult()
+        known = await tickets.known_message_ids(
+            session, message_ids=[p.message_id for p in prepared]
+        )
+        stored: list[tuple[Message, InboundEmail]] = []
+        for p in prepared:
+            if p.message_id in known:
+                result.outcomes.append(
+                    Outcome(p.uid, p.message_id, "duplicate", None, "none: duplicate")
+                )
+                continue
+            known.add(p.message_id)
+            outcome = await self._store_one(
+                session,
+                p,
+                now=now,
+                folder=folder,
+                uidvalidity=uidvalidity,
+                result=result,
+                stored=stored,
+            )
+            result.outcomes.append(outcome)
+        await tickets.flush_attachments(session, stored)
+        uids = [p.uid for p in prepared if p.uid is not None]
+        if uids:
+            await self._advance(
+                session, folder=folder, uidvalidity=uidvalidity, uid=max(uids), now=now
+            )
+        return result
+
+    async def _store_one(
+        self,
+        session: AsyncSession,
+        p: Prepared,
+        *,
+        now: datetime,
+        folder: str,
+        uidvalidity: int | None,
+        result: BatchResult,
+        stored: list[tuple[Message, InboundEmail]],
+    ) -> Outcome:
+        email, cls = p.email, p.classification
+        if email is None or cls is None:
+            return await self._store_unreadable(
+                session, p, now=now, folder=folder, uidvalidity=uidvalidity
+            )
+        robot = cls.robot
+        ticket: Ticket | None = None
+        kind = "mail"
+        if robot.kind == "bounce":
+            kind = "bounce"
+            ticket = await tickets.ticket_by_message_ids(
+                session, message_ids=getattr(email, "embedded_message_ids", ())
+            )
+        if ticket is None:
+            ticket = await tickets.find_thread(session, email=email)
+        created = ticket is None
+        if ticket is None:
+            requester = email.reply_address or email.from_addr
+            ticket = await tickets.create_ticket(
+                session,
+                subject=email.subject,
+                requester=requester.key if requester else "",
+                requester_name=requester.name if requester else "",
+                language=cls.language,
+                mailbox=self.mailbox,
+                now=now,
+                due_days=self.settings.due_days,
+            )
+        message = tickets.add_inbound_message(
+            session,
+            ticket=ticket,
+            email=email,
+            kind=kind,
+            mailbox=self.mailbox,
+            uid=p.uid,
+            now=now,
+            robot_reason=None if robot.kind == "human" else robot.reason,
+            crisis_tier=p.crisis.tier,
+            crisis_rules=p.crisis.rule_ids,
+        )
+        stored.append((message, email))
+
+        reply = "none: not a new ticket"
+        crisis_replied = False
+        if p.crisis.tier is not None:
+            outcome = await escalation.open_or_update(
+                session,
+                ticket=ticket,
+                result=p.crisis,
+                received_at=now,
+                now=now,
+                identity=self.identity,
+                settings=self.settings,
+            )
+            result.enqueued_priority += len(outcome.paged)
+            log.warning(
+                "crisis detected",
+                extra={
+                    "reference": ticket.reference,
+                    "tier": p.crisis.tier,
+                    "rules": ",".join(p.crisis.rule_ids),
+                    "escalation_created": outcome.created,
+                    "paged": len(outcome.paged),
+                },
+            )
+            if outcome.created or getattr(outcome, "reopened", False):
+                why_not = self._why_no_reply(email, cls, crisis=True)
+                if why_not is None:
+                    await self._enqueue_ack(
+                        session,
+                        ticket=ticket,
+                        email=email,
+                        cls=cls,
+                        now=now,
+                        crisis=True,
+                        oncall_alerted=outcome.oncall_configured,
+                    )
+                    result.enqueued_priority += 1
+                    crisis_replied = True
+                    reply = "crisis reply"
+                else:
+                    reply = f"none: {why_not}"
+        if created and not crisis_replied:
+            why_not = self._why_no_reply(email, cls, crisis=False)
+            if why_not is None:
+                recipient = email.reply_address
+                assert recipient is not None  # checked by _why_no_reply
+                limit = self.settings.ack_limit_per_sender
+                since = now - timedelta(hours=self.settings.ack_limit_window_hours)
+                if (
+                    await tickets.acks_sent_since(session, recipient=recipient.key, since=since)
+                    >= limit
+                ):
+                    why_not = (
+                        f"rate limited ({limit} per {self.settings.ack_limit_window_hours:g} h)"
+                    )
+            if why_not is None:
+                await self._enqueue_ack(
+                    session,
+                    ticket=ticket,
+                    email=email,
+                    cls=cls,
+                    now=now,
+                    crisis=False,
+                    oncall_alerted=False,
+                )
+                result.enqueued_routine += 1
+                reply = "ack"
+            else:
+                reply = f"none: {why_not}"
+        return Outcome(
+            p.uid,
+            email.message_id,
+            "created" if created else "appended",
+            ticket.reference,
+            reply,
+            p.crisis.tier,
+            p.crisis.rule_ids,
+        )
+
+    def _why_no_reply(
+        self, email: InboundEmail, cls: Classification, *, crisis: bool
+    ) -> str | None:
+        """Why this mail must not be answered, or None when it may be."""
+        if cls.robot.suppress_reply:
+            return f"{cls.robot.kind}: {cls.robot.reason}"
+        recipient = email.reply_address
+        if recipient is None or "@" not in recipient.email:
+            return "no reply address"
+        if recipient.key in self.own_addresses:
+            return "loop: our own address"
+        return None
+
+    async def _enqueue_ack(
+        self,
+        session: AsyncSession,
+        *,
+        ticket: Ticket,
+        email: InboundEmail,
+        cls: Classification,
+        now: datetime,
+        crisis: bool,
+        oncall_alerted: bool,
+    ) -> None:
+        recipient = email.reply_address
+        assert recipient is not None and ticket.reference is not None
+        message_id = compose.new_message_id(self.identity.message_id_domain)
+        references = [*email.references, email.message_id]
+        msg = compose.ack_mail(
+            identity=self.identity,
+            to_addr=recipient.email,
+            to_name=recipient.name,
+            reference=ticket.reference,
+            subject_template=self.settings.ack_subject,
+            reply_window=self.settings.reply_window,
+            language=cls.language,
+            in_reply_to=email.message_id,
+            references=references,
+            message_id=message_id,
+            now=now,
+            crisis=crisis,
+            oncall_alerted=oncall_alerted,
+        )
+        await outbox.enqueue(
+            session,
+            msg=msg,
+            kind="crisis_ack" if crisis else "ack",
+            recipient=recipient.key,
+            mail_from=self.identity.address,
+            ticket_id=ticket.id,
+            lane=0 if crisis else 1,
+            now=now,
+            deadline=timedelta(hours=self.settings.outbox_deadline_hours),
+        )
+        tickets.add_outbound_record(
+            session,
+            ticket=ticket,
+            kind="crisis_ack" if crisis else "ack",
+            message_id=message_id,
+            from_addr=self.identity.address,
+            to_addr=recipient.key,
+            subject=str(msg["Subject"]),
+            text_body="(automatic crisis reply)" if crisis else "(automatic acknowledgement)",
+            in_reply_to=email.message_id,
+            references=" ".join(references),
+            now=now,
+        )
+
+    async def _store_unreadable(
+        self,
+        session: AsyncSession,
+        p: Prepared,
+        *,
+        now: datetime,
+        folder: str,
+        uidvalidity: int | None,
+    ) -> Outcome:
+        """A mail we cannot read still becomes a ticket (so it is seen and escalated at tier 2)
+        and a rejection record that keeps its bytes for a retry after a fix."""
+        ticket = await tickets.create_ticket(
+            session,
+            subject="(unreadable message)",
+            requester="",
+            requester_name="",
+            language="en",
+            mailbox=self.mailbox,
+            now=now,
+            due_days=self.settings.due_days,
+        )
+        session.add(
+            Message(
+                ticket_id=ticket.id,  # type: ignore[arg-type]
+                direction="inbound",
+                kind="mail",
+                message_id=p.message_id,
+                subject="(unreadable message)",
+                text_body=f"This mail could not be read ({p.error}). Its raw bytes are kept in the"
+                " admin health panel.",
+                size=len(p.raw),
+                crisis_tier=p.crisis.tier,
+                crisis_rules=",".join(p.crisis.rule_ids),
+                mailbox=self.mailbox,
+                uid=p.uid,
+                created_at=now,
+            )
+        )
+        ticket.message_count += 1
+        session.add(
+            RejectedMail(
+                mailbox=self.mailbox,
+                folder=folder,
+                uidvalidity=uidvalidity,
+                uid=p.uid,
+                sha256=hashlib.sha256(p.raw).hexdigest(),
+                raw=p.raw,
+                reason=(p.error or "unreadable")[:200],
+                ticket_id=ticket.id,
+                created_at=now,
+            )
+        )
+        if p.crisis.tier is not None:
+            await escalation.open_or_update(
+                session,
+                ticket=ticket,
+                result=p.crisis,
+                received_at=now,
+                now=now,
+                identity=self.identity,
+                settings=self.settings,
+            )
+        return Outcome(
+            p.uid,
+            p.message_id,
+            "rejected",
+            ticket.reference,
+            "none: unreadable",
+            p.crisis.tier,
+            p.crisis.rule_ids,
+        )
+
+
+async def mailbox_state(session: AsyncSession, *, mailbox: str, folder: str) -> MailboxState:
+    """The cursor row for (mailbox, folder), created on first use."""
+    row = await session.exec(
+        select(MailboxState).where(MailboxState.mailbox == mailbox, MailboxState.folder == folder)
+    )
+    state = row.first()
+    if state is None:
+        state = MailboxState(mailbox=mailbox, folder=folder)
+        session.add(state)
+    return state
+
+
+async def retry_rejected(
+    *, sessions: SessionFactory, rejected_id: int, settings: Settings
+) -> Outcome:
+    """Run a set-aside mail through the pipeline again (after a fix), from its stored bytes."""
+    async with sessions() as session:
+        rejected = await session.get(RejectedMail, rejected_id)
+        if rejected is None:
+            from helpdesk.errors import NotFoundError
+
+            raise NotFoundError(f"no rejected mail {rejected_id}")
+        raw, mailbox = rejected.raw, rejected.mailbox
+    pipeline = Pipeline(settings=settings, sessions=sessions, mailbox=mailbox)
+    one = pipeline.prepare(raw, None)
+    async with sessions() as session, session.begin():
+        batch = await pipeline._store(session, [one], folder="", uidvalidity=None)
+        rejected = await session.get(RejectedMail, rejected_id)
+        if rejected is not None:
+            rejected.status = "retried"
+            rejected.attempts += 1
+            rejected.retried_at = pipeline.clock()
+    return batch.outcomes[0]

@@ -1,0 +1,283 @@
+"""Data access for tickets and their messages. Keyword-only async functions; no commits.
+
+Invariants:
+- a Message-ID is stored once (``message.message_id`` is unique): ``known_message_ids``
+  is how the pipeline recognises mail it has already turned into a ticket;
+- a mail joins an existing ticket only through a Message-ID we stored or sent, or through a
+  ticket reference in its subject *when its sender is that ticket's requester*: a reference
+  typed by somebody else opens a new ticket, so nobody is shown another patient's thread;
+- the caller owns the transaction: these functions add and flush, they never commit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from helpdesk.errors import NotFoundError
+from helpdesk.models import (
+    CLOSED_STATUSES,
+    Attachment,
+    AuditLog,
+    Message,
+    Outbox,
+    Ticket,
+)
+from helpdesk.parse import InboundEmail
+
+REFERENCE_PREFIX = "HD-"
+REFERENCE_OFFSET = 1000
+_SUBJECT_REF = re.compile(r"\bHD-(\d{1,12})\b", re.IGNORECASE)
+
+
+def reference_for(ticket_id: int) -> str:
+    return f"{REFERENCE_PREFIX}{ticket_id + REFERENCE_OFFSET}"
+
+
+def references_in_subject(subject: str) -> list[str]:
+    """Ticket references written in a subject, e.g. ``Re: … [HD-1042]`` -> ["HD-1042"]."""
+    return [f"{REFERENCE_PREFIX}{m.group(1)}" for m in _SUBJECT_REF.finditer(subject)]
+
+
+async def known_message_ids(session: AsyncSession, *, message_ids: Iterable[str]) -> set[str]:
+    """Which of these Message-IDs are already stored."""
+    ids = list(dict.fromkeys(message_ids))
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = await session.exec(
+            select(Message.message_id).where(col(Message.message_id).in_(chunk))
+        )
+        found.update(rows.all())
+    return found
+
+
+async def find_thread(session: AsyncSession, *, email: InboundEmail) -> Ticket | None:
+    """The ticket this mail answers, or None when it starts a new one."""
+    referenced = [*email.in_reply_to, *reversed(email.references)]
+    if referenced:
+        row = await session.exec(
+            select(Message.ticket_id).where(col(Message.message_id).in_(referenced[:100])).limit(1)
+        )
+        ticket_id = row.first()
+        if ticket_id is not None:
+            return await session.get(Ticket, ticket_id)
+    refs = references_in_subject(email.subject)
+    sender = email.reply_address
+    if refs and sender is not None:
+        senders = {sender.key}
+        if email.from_addr is not None:
+            senders.add(email.from_addr.key)
+        rows = await session.exec(
+            select(Ticket).where(
+                col(Ticket.reference).in_(refs), col(Ticket.requester).in_(senders)
+            )
+        )
+        return rows.first()
+    return None
+
+
+async def create_ticket(
+    session: AsyncSession,
+    *,
+    subject: str,
+    requester: str,
+    requester_name: str,
+    language: str,
+    mailbox: str,
+    now: datetime,
+    due_days: int,
+) -> Ticket:
+    ticket = Ticket(
+        subject=subject[:998],
+        requester=requester.lower()[:320],
+        requester_name=requester_name[:200],
+        language=language,
+        mailbox=mailbox,
+        created_at=now,
+        updated_at=now,
+        last_message_at=now,
+        due_at=now + timedelta(days=due_days),
+    )
+    session.add(ticket)
+    await session.flush()
+    assert ticket.id is not None  # flushed
+    ticket.reference = reference_for(ticket.id)
+    return ticket
+
+
+def add_inbound_message(
+    session: AsyncSession,
+    *,
+    ticket: Ticket,
+    email: InboundEmail,
+    kind: str,
+    mailbox: str,
+    uid: int | None,
+    now: datetime,
+    robot_reason: str | None,
+    crisis_tier: int | None,
+    crisis_rules: Sequence[str],
+) -> Message:
+    """Record a patient's mail (and its attachments) on ``ticket``; reopen a closed ticket."""
+    sender = email.from_addr or email.reply_address
+    message = Message(
+        ticket_id=ticket.id,  # type: ignore[arg-type]  # set by create_ticket's flush
+        direction="inbound",
+        kind=kind,
+        message_id=email.message_id,
+        in_reply_to=" ".join(email.in_reply_to),
+        references=" ".join(email.references)[:20000],
+        from_addr=sender.email[:320] if sender else "",
+        from_name=sender.name[:200] if sender else "",
+        to_addrs=", ".join(a.email for a in (*email.to, *email.cc))[:5000],
+        subject=email.subject[:998],
+        text_body=email.text,
+        html_body=email.html,
+        size=email.size,
+        robot_reason=robot_reason,
+        crisis_tier=crisis_tier,
+        crisis_rules=",".join(crisis_rules)[:500],
+        mailbox=mailbox,
+        uid=uid,
+        created_at=now,
+    )
+    session.add(message)
+    touch(ticket, now=now)
+    if kind != "bounce":
+        if ticket.status in CLOSED_STATUSES:
+            session.add(
+                AuditLog(
+                    ticket_id=ticket.id,
+                    actor="system",
+                    action="reopened",
+                    detail=f"patient wrote again after the ticket was {ticket.status}",
+                    created_at=now,
+                )
+            )
+            ticket.status = "open"
+        elif ticket.status == "pending":
+            ticket.status = "open"
+    return message
+
+
+async def flush_attachments(
+    session: AsyncSession, stored: Sequence[tuple[Message, InboundEmail]]
+) -> None:
+    """Store the attachments of freshly added inbound messages (they need the message ids)."""
+    pending = [(m, e) for m, e in stored if e.attachments]
+    if not pending:
+        return
+    await session.flush()
+    for message, email in pending:
+        for att in email.attachments:
+            session.add(
+                Attachment(
+                    message_id=message.id,  # type: ignore[arg-type]  # flushed above
+                    filename=att.filename,
+                    content_type=att.content_type,
+                    size=att.size,
+                    sha256=att.sha256,
+                    content=att.content,
+                )
+            )
+
+
+def add_outbound_record(
+    session: AsyncSession,
+    *,
+    ticket: Ticket,
+    kind: str,
+    message_id: str,
+    from_addr: str,
+    to_addr: str,
+    subject: str,
+    text_body: str,
+    in_reply_to: str,
+    references: str,
+    now: datetime,
+    author_id: int | None = None,
+) -> Message:
+    """Record a mail we send (ack, reply) so that answers to it find this ticket."""
+    message = Message(
+        ticket_id=ticket.id,  # type: ignore[arg-type]
+        direction="outbound",
+        kind=kind,
+        message_id=message_id,
+        in_reply_to=in_reply_to,
+        references=references[:20000],
+        from_addr=from_addr,
+        to_addrs=to_addr,
+        subject=subject[:998],
+        text_body=text_body,
+        author_id=author_id,
+        created_at=now,
+    )
+    session.add(message)
+    ticket.message_count += 1
+    return message
+
+
+def touch(ticket: Ticket, *, now: datetime) -> None:
+    ticket.message_count += 1
+    ticket.updated_at = now
+    ticket.last_message_at = now
+
+
+async def acks_sent_since(session: AsyncSession, *, recipient: str, since: datetime) -> int:
+    """How many routine acknowledgements went to this address since ``since``."""
+    row = await session.exec(
+        select(sa.func.count())
+        .select_from(Outbox)
+        .where(
+            col(Outbox.recipient) == recipient.lower(),
+            col(Outbox.kind) == "ack",
+            col(Outbox.created_at) >= since,
+        )
+    )
+    return int(row.one())
+
+
+async def ticket_by_message_ids(
+    session: AsyncSession, *, message_ids: Sequence[str]
+) -> Ticket | None:
+    if not message_ids:
+        return None
+    row = await session.exec(
+        select(Message.ticket_id)
+        .where(col(Message.message_id).in_(list(message_ids)[:100]))
+        .limit(1)
+    )
+    ticket_id = row.first()
+    return None if ticket_id is None else await session.get(Ticket, ticket_id)
+
+
+async def get_ticket(session: AsyncSession, *, reference: str) -> Ticket:
+    row = await session.exec(select(Ticket).where(Ticket.reference == reference.upper()))
+    ticket = row.first()
+    if ticket is None:
+        raise NotFoundError(f"no ticket {reference}")
+    return ticket
+
+
+async def list_tickets(
+    session: AsyncSession, *, status: str | None = None, limit: int = 1000
+) -> list[Ticket]:
+    query = select(Ticket).order_by(col(Ticket.id).desc()).limit(limit)
+    if status:
+        query = query.where(Ticket.status == status)
+    return list((await session.exec(query)).all())
+
+
+async def thread(session: AsyncSession, *, ticket_id: int) -> list[Message]:
+    rows = await session.exec(
+        select(Message)
+        .where(Message.ticket_id == ticket_id)
+        .order_by(col(Message.created_at), col(Message.id))
+    )
+    return list(rows.all())

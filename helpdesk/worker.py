@@ -1,0 +1,395 @@
+"""The worker: a thin async shell around the pipeline, the outbox and the escalation timer.
+
+``poll_once()`` does one pass over the mailbox and returns what it did; ``run()`` is the loop
+around it plus two delivery lanes (priority: crisis replies and escalation notices; routine:
+acknowledgements and staff replies), the re-escalation timer and a heartbeat.
+
+Invariants:
+- mail is fetched by UID above the stored cursor, and ``\\Seen`` (or a move to the processed
+  folder) is set only after the batch's transaction has committed;
+- SIGTERM stops fetching, lets the batch in flight commit and the outbox drain what is due,
+  then returns; SIGKILL at any moment loses nothing (the cursor moves with the commit);
+- connection errors reconnect with backoff and jitter; they never end the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlmodel import select
+
+from helpdesk import escalation, outbox, webhook
+from helpdesk.config import Settings
+from helpdesk.db import SessionFactory
+from helpdesk.mailbox import (
+    Backoff,
+    ImapMailbox,
+    Mailbox,
+    MailboxAuthError,
+    MailboxError,
+    plan_fetch,
+)
+from helpdesk.models import WorkerHeartbeat, utcnow
+from helpdesk.pipeline import Pipeline, mailbox_state
+
+log = logging.getLogger(__name__)
+
+MailboxFactory = Callable[[], Mailbox]
+SenderFactory = Callable[[str], outbox.Sender]
+
+
+@dataclass(slots=True)
+class PollReport:
+    fetched: int = 0
+    created: int = 0
+    appended: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    acks: int = 0
+    crisis: int = 0
+
+    def add(self, other: PollReport) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class RunReport:
+    poll: PollReport = field(default_factory=PollReport)
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    escalation_actions: int = 0
+    elapsed: float = 0.0
+
+
+def default_mailbox_factory(settings: Settings) -> MailboxFactory:
+    def make() -> Mailbox:
+        return ImapMailbox(
+            host=settings.imap_host,
+            port=settings.imap_port_effective,
+            user=settings.imap_user,
+            password=settings.imap_password.get_secret_value(),
+            security=settings.imap_security,
+            timeout=settings.imap_timeout,
+        )
+
+    return make
+
+
+def default_sender_factory(settings: Settings) -> SenderFactory:
+    def make(lane: str) -> outbox.Sender:
+        return outbox.SmtpSender.from_settings(settings, lane=lane)
+
+    return make
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: SessionFactory,
+        *,
+        mailbox_factory: MailboxFactory | None = None,
+        sender_factory: SenderFactory | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.clock = clock
+        self.worker_id = (
+            worker_id
+            or settings.worker_id
+            or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
+        self.mailbox_factory = mailbox_factory or default_mailbox_factory(settings)
+        self.sender_factory = sender_factory or default_sender_factory(settings)
+        self.pipeline = Pipeline(settings=settings, sessions=sessions, clock=clock)
+        self.policy = outbox.RetryPolicy(
+            base=settings.outbox_retry_base_seconds, cap=settings.outbox_retry_max_seconds
+        )
+        self.folder = settings.imap_folder
+        self._mailbox: Mailbox | None = None
+        self._stop = asyncio.Event()
+        self._wake = {0: asyncio.Event(), 1: asyncio.Event()}
+        self._processed = 0
+        self._errors = 0
+
+    # -- one pass --------------------------------------------------------------------
+    async def _connected(self) -> Mailbox:
+        if self._mailbox is None:
+            mailbox = self.mailbox_factory()
+            await mailbox.connect()
+            self._mailbox = mailbox
+        return self._mailbox
+
+    async def _drop_connection(self) -> None:
+        mailbox, self._mailbox = self._mailbox, None
+        if mailbox is not None:
+            with contextlib.suppress(Exception):
+                await mailbox.close()
+
+    async def poll_once(self) -> PollReport:
+        """Fetch and process everything above the cursor; return what happened."""
+        report = PollReport()
+        mailbox = await self._connected()
+        uidvalidity = await mailbox.select(self.folder)
+        async with self.sessions() as session:
+            state = await mailbox_state(session, mailbox=self.pipeline.mailbox, folder=self.folder)
+            stored_validity, last_uid = state.uidvalidity, state.last_uid
+        after, rescan = plan_fetch(stored_validity, uidvalidity, last_uid)
+        if rescan:
+            log.warning(
+                "UIDVALIDITY changed, re-scanning the folder (duplicates are skipped)",
+                extra={"folder": self.folder, "old": stored_validity, "new": uidvalidity},
+            )
+        started = time.monotonic()
+        async for batch in mailbox.batches(after, batch_size=self.settings.imap_batch_size):
+            result = await self.pipeline.ingest(batch, folder=self.folder, uidvalidity=uidvalidity)
+            for lane, count in ((0, result.enqueued_priority), (1, result.enqueued_routine)):
+                if count:
+                    self._wake[lane].set()
+            uids = [m.uid for m in batch]
+            await mailbox.mark_seen(uids)
+            if self.settings.imap_processed_folder:
+                await mailbox.move(uids, self.settings.imap_processed_folder)
+            report.fetched += len(batch)
+            for o in result.outcomes:
+                report.created += o.action == "created"
+                report.appended += o.action == "appended"
+                report.duplicates += o.action == "duplicate"
+                report.rejected += o.action == "rejected"
+                report.acks += o.reply == "ack"
+                report.crisis += o.crisis_tier is not None
+            self._processed += len(batch)
+            if report.fetched % 500 < len(batch) and report.fetched >= 500:
+                rate = report.fetched / max(time.monotonic() - started, 1e-6)
+                log.info("ingesting", extra={"done": report.fetched, "per_second": round(rate)})
+            if self._stop.is_set():
+                break
+        await self._record_poll()
+        if report.fetched:
+            log.info("poll done", extra=_as_extra(report))
+        return report
+
+    async def _record_poll(self) -> None:
+        now = self.clock()
+        async with self.sessions() as session, session.begin():
+            state = await mailbox_state(session, mailbox=self.pipeline.mailbox, folder=self.folder)
+            state.last_poll_at = now
+            state.last_error = None
+            beat = await session.get(WorkerHeartbeat, self.worker_id)
+            if beat is not None:
+                beat.last_poll_ok_at = now
+
+    async def drain_outbox(self, lanes: tuple[int, ...] = (0, 1)) -> outbox.DeliveryReport:
+        sender = self.sender_factory("all")
+        try:
+            return await outbox.deliver_due(
+                sessions=self.sessions,
+                sender=sender,
+                worker_id=self.worker_id,
+                now=self.clock,
+                policy=self.policy,
+                lanes=lanes,
+                batch_size=self.settings.outbox_batch_size,
+            )
+        finally:
+            await sender.close()
+
+    async def escalate_due(self) -> int:
+        return await escalation.run_due(
+            sessions=self.sessions,
+            now=self.clock(),
+            identity=self.pipeline.identity,
+            settings=self.settings,
+            worker_id=self.worker_id,
+        )
+
+    async def deliver_webhooks(self) -> int:
+        return await webhook.deliver_webhooks(
+            sessions=self.sessions,
+            now=self.clock(),
+            identity=self.pipeline.identity,
+            settings=self.settings,
+        )
+
+    # -- the loops -------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+        for event in self._wake.values():
+            event.set()
+
+    async def run_once(self) -> RunReport:
+        """Process everything in the mailbox now, fire due escalations, drain the outbox."""
+        report = RunReport()
+        started = time.perf_counter()
+        await self._heartbeat()
+        try:
+            while True:
+                poll = await self.poll_once()
+                report.poll.add(poll)
+                if poll.fetched == 0 or self._stop.is_set():
+                    break
+        finally:
+            await self._drop_connection()
+        report.escalation_actions = await self.escalate_due()
+        await self.deliver_webhooks()
+        delivery = await self.drain_outbox()
+        report.sent, report.retried, report.failed = (
+            delivery.sent,
+            delivery.retried,
+            delivery.failed,
+        )
+        await self._heartbeat()
+        report.elapsed = round(time.perf_counter() - started, 3)
+        return report
+
+    async def run(self) -> None:
+        """Run until ``request_stop()`` (SIGTERM): mailbox, two delivery lanes, timers."""
+        log.info("worker starting", extra={"worker": self.worker_id, "folder": self.folder})
+        tasks = [
+            asyncio.create_task(self._mailbox_loop(), name="mailbox"),
+            asyncio.create_task(self._delivery_loop(0), name="deliver-priority"),
+            asyncio.create_task(self._delivery_loop(1), name="deliver-routine"),
+            asyncio.create_task(self._every(1.0, self._escalation_tick), name="escalation"),
+            asyncio.create_task(self._every(2.0, self.deliver_webhooks), name="webhooks"),
+            asyncio.create_task(self._every(10.0, self._heartbeat), name="heartbeat"),
+        ]
+        try:
+            await self._stop.wait()
+        finally:
+            self.request_stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._drop_connection()
+            log.info(
+                "worker stopped", extra={"worker": self.worker_id, "processed": self._processed}
+            )
+
+    async def _mailbox_loop(self) -> None:
+        backoff = Backoff()
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await self.poll_once()
+                attempt = 0
+                mailbox = await self._connected()
+                waiter = asyncio.create_task(mailbox.wait(self.settings.imap_poll_interval))
+                stopper = asyncio.create_task(self._stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not waiter.done():
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await waiter
+                else:
+                    waiter.result()
+            except MailboxAuthError as exc:
+                self._errors += 1
+                attempt += 1
+                log.error(
+                    "IMAP login refused; check HELPDESK_IMAP_USER/PASSWORD",
+                    extra={"error": str(exc)[:200]},
+                )
+                await self._drop_connection()
+                await self._sleep(max(backoff.delay(attempt), 60.0 if backoff.base else 0.0))
+            except (MailboxError, OSError, TimeoutError) as exc:
+                self._errors += 1
+                attempt += 1
+                delay = backoff.delay(attempt)
+                log.warning(
+                    "mailbox connection lost, reconnecting",
+                    extra={
+                        "error": type(exc).__name__,
+                        "attempt": attempt,
+                        "delay": round(delay, 2),
+                    },
+                )
+                await self._drop_connection()
+                await self._sleep(delay)
+            except Exception:
+                self._errors += 1
+                attempt += 1
+                log.exception("mailbox pass failed; retrying")
+                await self._drop_connection()
+                await self._sleep(backoff.delay(attempt))
+
+    async def _delivery_loop(self, lane: int) -> None:
+        sender = self.sender_factory("priority" if lane == 0 else "routine")
+        event = self._wake[lane]
+        try:
+            while not self._stop.is_set():
+                event.clear()
+                try:
+                    await outbox.deliver_due(
+                        sessions=self.sessions,
+                        sender=sender,
+                        worker_id=self.worker_id,
+                        now=self.clock,
+                        policy=self.policy,
+                        lanes=(lane,),
+                        batch_size=self.settings.outbox_batch_size,
+                    )
+                except Exception:
+                    self._errors += 1
+                    log.exception("delivery pass failed", extra={"lane": lane})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=1.0)
+        finally:
+            await sender.close()
+
+    async def _escalation_tick(self) -> None:
+        actions = await self.escalate_due()
+        if actions:
+            self._wake[0].set()
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+        while not self._stop.is_set():
+            try:
+                await job()
+            except Exception:
+                self._errors += 1
+                log.exception("periodic job failed", extra={"job": getattr(job, "__name__", "?")})
+            await self._sleep(seconds)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    async def _heartbeat(self) -> None:
+        now = self.clock()
+        async with self.sessions() as session, session.begin():
+            beat = await session.get(WorkerHeartbeat, self.worker_id)
+            if beat is None:
+                beat = WorkerHeartbeat(
+                    worker_id=self.worker_id,
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                    started_at=now,
+                )
+                session.add(beat)
+            beat.last_seen_at = now
+            beat.processed = self._processed
+            beat.errors = self._errors
+
+
+def _as_extra(report: PollReport) -> dict[str, int]:
+    return {name: getattr(report, name) for name in report.__slots__}
+
+
+async def last_heartbeat(sessions: SessionFactory) -> WorkerHeartbeat | None:
+    async with sessions() as session:
+        rows = await session.exec(
+            select(WorkerHeartbeat).order_by(WorkerHeartbeat.last_seen_at.desc())  # type: ignore[attr-defined]
+        )
+        return rows.first()

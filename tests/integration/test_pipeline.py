@@ -1,0 +1,261 @@
+"""The mail pipeline end to end: real Dovecot -> worker -> SQLite/PostgreSQL -> real SMTP."""
+
+from __future__ import annotations
+
+import imaplib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlmodel import col, select
+
+from helpdesk.config import Settings
+from helpdesk.db import SessionFactory, create_engine, session_factory
+from helpdesk.models import MailboxState, Message, Outbox, Ticket
+from helpdesk.testing.dovecot import DovecotServer, ImapAccount
+from helpdesk.testing.smtp import SmtpReceiver
+from helpdesk.worker import Worker
+from tests.conftest import make_settings
+from tests.factories import SUPPORT, bounce_for, patient_mail
+
+pytestmark = pytest.mark.dovecot
+
+
+@pytest.fixture
+def wsettings(
+    database_url: str, imap_account: ImapAccount, smtp_receiver: SmtpReceiver
+) -> Settings:
+    return make_settings(
+        database_url,
+        imap_host=imap_account.host,
+        imap_port=imap_account.port,
+        imap_user=imap_account.user,
+        imap_password=imap_account.password,
+        imap_security="none",
+        smtp_host=smtp_receiver.host,
+        smtp_port=smtp_receiver.port,
+        smtp_security="none",
+        support_address=SUPPORT,
+    )
+
+
+@pytest.fixture
+async def db(wsettings: Settings) -> AsyncIterator[SessionFactory]:
+    engine = create_engine(wsettings)
+    try:
+        yield session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def deliver(dovecot: DovecotServer, imap_account: ImapAccount) -> Any:
+    def _deliver(*raws: bytes) -> None:
+        dovecot.append_many(imap_account.user, imap_account.password, raws)
+
+    return _deliver
+
+
+async def run_worker(settings: Settings, sessions: SessionFactory) -> Any:
+    return await Worker(settings, sessions).run_once()
+
+
+async def all_tickets(sessions: SessionFactory) -> list[Ticket]:
+    async with sessions() as s:
+        return list((await s.exec(select(Ticket).order_by(col(Ticket.id)))).all())
+
+
+async def test_question_becomes_ticket_with_one_ack(
+    wsettings: Settings,
+    db: SessionFactory,
+    deliver: Any,
+    smtp_receiver: SmtpReceiver,
+    imap_account: ImapAccount,
+) -> None:
+    deliver(patient_mail(message_id="<q1@patients.test>"))
+    report = await run_worker(wsettings, db)
+    assert (report.poll.fetched, report.poll.created, report.sent) == (1, 1, 1)
+    [ticket] = await all_tickets(db)
+    assert ticket.reference and ticket.reference.startswith("HD-")
+    assert ticket.requester == "maria.lopez@patients.test"
+    assert ticket.status == "new"
+    assert (ticket.due_at - ticket.created_at).days == 7
+    [ack] = smtp_receiver.messages
+    assert ack.rcpt_tos == ("maria.lopez@patients.test",)
+    msg = ack.message
+    assert ticket.reference in str(msg["Subject"])
+    assert "refill" not in str(msg["Subject"]).lower()  # never echo the patient's words
+    assert msg["In-Reply-To"] == "<q1@patients.test>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    body = msg.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "5–7 days" in body and ticket.reference in body
+    assert "lisinopril" not in body and "988" in body and "911" in body
+
+    # \Seen only after the commit; a second run finds nothing new and sends nothing.
+    with imaplib.IMAP4(imap_account.host, imap_account.port) as client:
+        client.login(imap_account.user, imap_account.password)
+        client.select("INBOX")
+        _, data = client.uid("FETCH", "1:*", "(FLAGS)")
+        assert b"\\Seen" in data[0]
+    report = await run_worker(wsettings, db)
+    assert (report.poll.fetched, report.sent) == (0, 0)
+    assert len(smtp_receiver.messages) == 1
+
+
+async def test_reply_to_ack_joins_ticket_and_reopens(
+    wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver
+) -> None:
+    deliver(patient_mail(message_id="<q2@patients.test>"))
+    await run_worker(wsettings, db)
+    [ack] = smtp_receiver.messages
+    [ticket] = await all_tickets(db)
+    async with db() as s, s.begin():
+        t = await s.get(Ticket, ticket.id)
+        assert t is not None
+        t.status = "solved"
+    deliver(
+        patient_mail(
+            subject=f"Re: {ack.message['Subject']}",
+            body="One more thing: my pharmacy changed.",
+            in_reply_to=ack.message_id,
+        )
+    )
+    report = await run_worker(wsettings, db)
+    assert (report.poll.appended, report.poll.created, report.sent) == (1, 0, 0)
+    [ticket] = await all_tickets(db)
+    assert ticket.status == "open"
+    assert ticket.message_count == 3  # question, ack, reply
+
+
+async def test_subject_reference_from_another_sender_opens_new_ticket(
+    wsettings: Settings, db: SessionFactory, deliver: Any
+) -> None:
+    deliver(patient_mail())
+    await run_worker(wsettings, db)
+    [first] = await all_tickets(db)
+    deliver(
+        patient_mail(
+            sender="Mallory <mallory@elsewhere.test>", subject=f"Re: [{first.reference}] show me"
+        ),
+        patient_mail(subject=f"Re: about {first.reference}", body="Same patient, new mail."),
+    )
+    await run_worker(wsettings, db)
+    tickets = await all_tickets(db)
+    assert len(tickets) == 2
+    assert tickets[1].requester == "mallory@elsewhere.test"
+    assert tickets[0].message_count == 3  # question, ack, and her own follow-up
+
+
+async def test_robots_are_recorded_but_never_answered(
+    wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver
+) -> None:
+    deliver(patient_mail(message_id="<q3@patients.test>"))
+    await run_worker(wsettings, db)
+    [ack] = smtp_receiver.messages
+    deliver(
+        patient_mail(
+            sender="Away <away@patients.test>",
+            subject="Automatic reply: hello",
+            headers={"Auto-Submitted": "auto-replied"},
+        ),
+        patient_mail(
+            sender="News <news@lists.test>",
+            subject="Our newsletter",
+            headers={"List-Id": "<news.lists.test>", "Precedence": "bulk"},
+        ),
+        patient_mail(sender=f"Ourselves <{SUPPORT}>", subject="loop"),
+        bounce_for(ack.message_id, "maria.lopez@patients.test"),
+    )
+    report = await run_worker(wsettings, db)
+    assert report.poll.fetched == 4
+    assert report.sent == 0
+    assert len(smtp_receiver.messages) == 1
+    tickets = await all_tickets(db)
+    assert len(tickets) == 4  # the bounce joined the ticket whose ack bounced
+    async with db() as s:
+        bounce = (await s.exec(select(Message).where(Message.kind == "bounce"))).one()
+    assert bounce.ticket_id == tickets[0].id
+
+
+async def test_per_sender_ack_limit(
+    wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver
+) -> None:
+    deliver(*[patient_mail(subject=f"question {i}") for i in range(5)])
+    report = await run_worker(wsettings, db)
+    assert report.poll.created == 5
+    assert report.sent == wsettings.ack_limit_per_sender == 3
+    assert len(smtp_receiver.messages) == 3
+
+
+async def test_reply_goes_to_reply_to(
+    wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver
+) -> None:
+    deliver(patient_mail(headers={"Reply-To": "Maria (home) <maria.home@patients.test>"}))
+    await run_worker(wsettings, db)
+    [ack] = smtp_receiver.messages
+    assert ack.rcpt_tos == ("maria.home@patients.test",)
+
+
+async def test_uidvalidity_change_rescans_without_duplicates(
+    wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver
+) -> None:
+    deliver(patient_mail(), patient_mail(sender="Bo <bo@patients.test>"))
+    await run_worker(wsettings, db)
+    async with db() as s, s.begin():
+        state = (await s.exec(select(MailboxState))).one()
+        state.uidvalidity = (state.uidvalidity or 0) + 12345  # as if the server had reset
+    report = await run_worker(wsettings, db)
+    assert report.poll.fetched == 2
+    assert report.poll.duplicates == 2
+    assert len(await all_tickets(db)) == 2
+    assert len(smtp_receiver.messages) == 2
+
+
+async def test_attachments_and_html_only_mail(
+    wsettings: Settings, db: SessionFactory, deliver: Any
+) -> None:
+    deliver(
+        patient_mail(
+            body="See the photo attached.",
+            attachment=("../../rash photo.jpg", b"\xff\xd8\xff" + b"0" * 2000, "image/jpeg"),
+        )
+    )
+    await run_worker(wsettings, db)
+    from helpdesk.models import Attachment
+
+    async with db() as s:
+        [att] = (await s.exec(select(Attachment))).all()
+    assert "/" not in att.filename and att.filename.endswith(".jpg")
+    assert att.size == 2003 and len(att.sha256) == 64
+
+
+async def test_crisis_mail_escalates_and_gets_crisis_reply(
+    wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver
+) -> None:
+    from helpdesk import oncall
+
+    async with db() as s, s.begin():
+        await oncall.add_member(s, email="oncall@clinic.test", level=1, name="Dr. On Call")
+    deliver(
+        patient_mail(
+            sender="Sam <sam@patients.test>",
+            subject="help",
+            body="I took all of my pills an hour ago and I want to die.",
+        )
+    )
+    report = await run_worker(wsettings, db)
+    assert report.poll.crisis == 1
+    [ticket] = await all_tickets(db)
+    assert ticket.crisis_tier == 1 and ticket.escalation_state == "open"
+    received = {m.rcpt_tos[0]: m for m in smtp_receiver.messages}
+    assert set(received) == {"sam@patients.test", "oncall@clinic.test"}
+    reply = received["sam@patients.test"].message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "911" in reply and "988" in reply and "pills" not in reply
+    notice = received["oncall@clinic.test"]
+    assert notice.message["Auto-Submitted"] == "auto-generated"
+    text = notice.message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert ticket.reference in text
+    assert "sam@patients.test" not in text and "pills" not in text and "Sam" not in text
+    async with db() as s:
+        lanes = {o.kind: o.lane for o in (await s.exec(select(Outbox))).all()}
+    assert lanes == {"crisis_ack": 0, "escalation": 0}
