@@ -7,13 +7,14 @@ migrations alter tables on SQLite.
 
 import asyncio
 
-from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import helpdesk.models  # noqa: F401  (registers the tables)
+from alembic import context
 from helpdesk.config import load_settings
+from helpdesk.migrations import include_object
 
 target_metadata = SQLModel.metadata
 
@@ -31,6 +32,7 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

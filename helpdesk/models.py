@@ -100,6 +100,14 @@ class Ticket(SQLModel, table=True):
         sa.Index("ix_ticket_last_message_at", "last_message_at", "id"),
         sa.Index("ix_ticket_due_at", "due_at", "id"),
         sa.Index("ix_ticket_queue_counts", "status", "assignee_id", "crisis_tier", "due_at"),
+        # "overdue" walks only tickets still open, not years of solved ones.
+        sa.Index(
+            "ix_ticket_open_due",
+            "due_at",
+            "id",
+            sqlite_where=sa.text("status NOT IN ('solved', 'closed')"),
+            postgresql_where=sa.text("status NOT IN ('solved', 'closed')"),
+        ),
     )
     id: int | None = Field(default=None, primary_key=True)
     reference: str | None = Field(default=None, max_length=32, unique=True)
@@ -268,6 +276,8 @@ class EscalationEvent(SQLModel, table=True):
 
 class AuditLog(SQLModel, table=True):
     __tablename__ = "audit_log"
+    # login rate limiting counts recent "login-failed" rows per account
+    __table_args__ = (sa.Index("ix_audit_log_action_actor", "action", "actor", "created_at"),)
     id: int | None = Field(default=None, primary_key=True)
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
     actor: str = Field(default="system", max_length=320)
