@@ -40,6 +40,7 @@ from helpdesk.mailbox import (
 )
 from helpdesk.models import WorkerHeartbeat, utcnow
 from helpdesk.pipeline import Pipeline, mailbox_state
+from helpdesk.presence import Presence
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Worker:
         self._wake = {0: asyncio.Event(), 1: asyncio.Event()}
         self._processed = 0
         self._errors = 0
+        self.presence = Presence(settings, self.worker_id)
 
     # -- one pass --------------------------------------------------------------------
     async def _connected(self) -> Mailbox:
@@ -258,6 +260,11 @@ class Worker:
     async def run(self) -> None:
         """Run until ``request_stop()`` (SIGTERM): mailbox, two delivery lanes, timers."""
         log.info("worker starting", extra={"worker": self.worker_id, "folder": self.folder})
+        async with self.presence:
+            await self.presence.reclaim(self.sessions)
+            await self._run_tasks()
+
+    async def _run_tasks(self) -> None:
         tasks = [
             asyncio.create_task(self._mailbox_loop(), name="mailbox"),
             asyncio.create_task(self._delivery_loop(0), name="deliver-priority"),
@@ -265,6 +272,7 @@ class Worker:
             asyncio.create_task(self._every(1.0, self._escalation_tick), name="escalation"),
             asyncio.create_task(self._every(2.0, self.deliver_webhooks), name="webhooks"),
             asyncio.create_task(self._every(10.0, self._heartbeat), name="heartbeat"),
+            asyncio.create_task(self._every(5.0, self._reclaim), name="reclaim"),
         ]
         try:
             await self._stop.wait()
@@ -281,6 +289,9 @@ class Worker:
         attempt = 0
         while not self._stop.is_set():
             try:
+                if not await self.presence.try_lease(self.pipeline.mailbox):
+                    await self._sleep(2.0)  # another worker watches this mailbox
+                    continue
                 await self.poll_once()
                 attempt = 0
                 mailbox = await self._connected()
@@ -347,6 +358,12 @@ class Worker:
                     await asyncio.wait_for(event.wait(), timeout=1.0)
         finally:
             await sender.close()
+
+    async def _reclaim(self) -> None:
+        await self.presence.check()
+        if await self.presence.reclaim(self.sessions):
+            for event in self._wake.values():
+                event.set()
 
     async def _escalation_tick(self) -> None:
         actions = await self.escalate_due()
