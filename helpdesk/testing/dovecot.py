@@ -19,7 +19,7 @@ Invariants and the measured reasons for them (see ``/work/shared/FACTS.md``):
   :attr:`ssl_port`, and :meth:`ssl_context` trusts that certificate.
 
 Requires root (to chown mail folders) and the ``dovecot`` binary
-(``scripts/ensure-dovecot.sh`` installs it). Usable as a context manager::
+(``scripts/ensure-services.sh`` installs it). Usable as a context manager::
 
     with DovecotServer() as server:
         server.add_user("alice", "secret")
@@ -221,7 +221,7 @@ class DovecotServer:
         """
         binary = dovecot_binary()
         if binary is None:
-            raise DovecotError("dovecot is not installed (run scripts/ensure-dovecot.sh)")
+            raise DovecotError("dovecot is not installed (run scripts/ensure-services.sh)")
         if self._process is not None:
             raise DovecotError("already running")
         for folder in ("run", "state", "home"):

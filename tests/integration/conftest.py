@@ -26,7 +26,7 @@ def _ensure_dovecot() -> str | None:
     """The dovecot binary, installing it (as root, via apt) when missing; None if impossible."""
     binary = dovecot_binary()
     if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run([str(REPO / "scripts" / "ensure-dovecot.sh")], check=False, timeout=900)
+        subprocess.run([str(REPO / "scripts" / "ensure-services.sh")], check=False, timeout=900)
         binary = dovecot_binary()
     return binary
 
@@ -39,6 +39,8 @@ def dovecot() -> Iterator[DovecotServer]:
     folders must be chowned to the mail user). Tests get their own user via ``imap_account``.
     """
     if _ensure_dovecot() is None:
+        if os.environ.get("CI"):
+            pytest.fail("dovecot is missing in CI (scripts/ensure-services.sh installs it)")
         pytest.skip("dovecot is not installed and could not be installed")
     if os.geteuid() != 0:
         pytest.skip("the Dovecot fixture needs root (it chowns mail folders to uid 65534)")
