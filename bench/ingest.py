@@ -34,6 +34,9 @@ from helpdesk.testing.smtp import SmtpReceiver  # noqa: E402
 from tests.factories import SUPPORT, patient_mail  # noqa: E402
 
 
+PROFILE = ""
+
+
 def make_mails(n: int, seed: int = 7) -> list[bytes]:
     rng = random.Random(seed)
     mails = []
@@ -103,7 +106,9 @@ def run_one(n: int, database: str | None, workers: int) -> dict[str, object]:
             HELPDESK_LOG_LEVEL="WARNING",
         )
         migrations.upgrade(load_settings(database_url=url))
-        cmd = [str(ROOT / ".venv" / "bin" / "helpdesk"), "worker", "--once"]
+        cmd = [sys.executable, "-m", "helpdesk.cli", "worker", "--once"]
+        if PROFILE:
+            cmd[1:1] = ["-m", "cProfile", "-o", PROFILE]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE) for _ in range(workers)]
@@ -140,7 +145,10 @@ def main() -> None:
         "--database", default=None, help="postgresql+asyncpg://… admin URL (default: SQLite)"
     )
     ap.add_argument("--workers", default="1", help="comma-separated worker counts (PostgreSQL)")
+    ap.add_argument("--profile", default="", help="write a cProfile of the worker to this file")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     for workers in [int(w) for w in args.workers.split(",")]:
         for n in [int(x) for x in args.n.split(",")]:
             print(f"ingesting {n} mails with {workers} worker(s)…", file=sys.stderr, flush=True)

@@ -22,17 +22,19 @@ Invariants (product requirements, each covered by ``tests/unit/test_compose.py``
 
 from __future__ import annotations
 
+import binascii
 import functools
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email import policy
+from email import message_from_bytes, policy
 from email.errors import HeaderParseError
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +251,42 @@ def _patient_values(
     }
 
 
-def ack_mail(
+@dataclass(frozen=True, slots=True)
+class Composed:
+    """A mail ready for the outbox: SMTP bytes plus the headers the caller records."""
+
+    raw: bytes
+    message_id: str
+    subject: str
+
+
+def _encoded_header(name: str, value: str) -> str:
+    """One header line (without CRLF): ASCII as is, anything else as RFC 2047 words."""
+    if value.isascii() and len(value) + len(name) < 900:
+        return f"{name}: {value}"
+    return f"{name}: " + Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+
+
+def _mailbox_header(address: Address) -> str:
+    return formataddr((address.display_name, address.addr_spec), charset="utf-8")
+
+
+def _qp_part(content_type: str, text: str) -> bytes:
+    body = text.replace("\r\n", "\n")
+    if _cte(body) == "7bit":
+        encoded, cte = body.encode("ascii"), "7bit"
+    else:
+        encoded, cte = binascii.b2a_qp(body.encode("utf-8"), istext=True), "quoted-printable"
+    encoded = encoded.replace(b"\n", b"\r\n")
+    if not encoded.endswith(b"\r\n"):
+        encoded += b"\r\n"
+    head = (
+        f'Content-Type: {content_type}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
+    )
+    return head.encode("ascii") + encoded
+
+
+def ack_bytes(
     *,
     identity: Identity,
     to_addr: str,
@@ -264,29 +301,61 @@ def ack_mail(
     now: datetime,
     crisis: bool = False,
     oncall_alerted: bool = False,
-) -> EmailMessage:
+) -> Composed:
     """The immediate answer to a patient: the routine acknowledgement, or the crisis reply.
 
     Neither quotes anything the patient wrote; both carry ``Auto-Submitted: auto-replied``.
+    Serialised directly to bytes (no ``email`` policy machinery: this runs once per
+    incoming mail and must stay cheap); :func:`ack_mail` gives the same mail parsed.
     """
     reference = safe_header_value(reference).strip()
     lang = _lang(language)
-    msg = _base(
-        identity=identity,
-        to=_address(to_addr, to_name),
-        subject=_ack_subject(subject_template, reference, lang),
-        message_id=message_id,
-        now=now,
-    )
-    msg["Auto-Submitted"] = "auto-replied"
-    msg["X-Auto-Response-Suppress"] = "All"
-    _thread_headers(msg, in_reply_to, references)
+    sender = _address(identity.address, identity.name)
+    recipient = _address(to_addr, to_name)
+    subject = _ack_subject(subject_template, reference, lang)
+    message_id = _own_message_id(message_id)
     values = _patient_values(identity, reference, lang, reply_window)
     values["oncall_alerted"] = oncall_alerted
     kind = "crisis" if crisis else "ack"
     text = _render(f"{kind}.{lang}.txt", **values)
-    _set_body(msg, text, _render(f"{kind}.{lang}.html", **values), lang=lang)
-    return msg
+    html = _render(f"{kind}.{lang}.html", **values)
+    holder = EmailMessage()  # only to reuse the threading rules
+    _thread_headers(holder, in_reply_to, references)
+    boundary = f"=_helpdesk_{uuid.uuid4().hex}"
+    lines = [
+        _encoded_header("From", _mailbox_header(sender)),
+        _encoded_header("To", _mailbox_header(recipient)),
+        _encoded_header("Subject", subject),
+        f"Date: {format_datetime(_aware_utc(now, 'now'))}",
+        f"Message-ID: {message_id}",
+        "Auto-Submitted: auto-replied",
+        "X-Auto-Response-Suppress: All",
+    ]
+    if holder["In-Reply-To"]:
+        lines.append(f"In-Reply-To: {holder['In-Reply-To']}")
+    if holder["References"]:
+        lines.append("References: " + "\r\n ".join(str(holder["References"]).split()))
+    lines += [
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/alternative; boundary="{boundary}"',
+        f"Content-Language: {lang}",
+    ]
+    raw = b"".join(
+        [
+            ("\r\n".join(lines) + f"\r\n\r\n--{boundary}\r\n").encode("ascii"),
+            _qp_part("text/plain", text),
+            f"--{boundary}\r\n".encode("ascii"),
+            _qp_part("text/html", html),
+            f"--{boundary}--\r\n".encode("ascii"),
+        ]
+    )
+    return Composed(raw=raw, message_id=message_id, subject=subject)
+
+
+def ack_mail(**kwargs: Any) -> EmailMessage:
+    """:func:`ack_bytes`, parsed back into an :class:`EmailMessage` (same arguments)."""
+    composed = ack_bytes(**kwargs)
+    return message_from_bytes(composed.raw, policy=policy.default)
 
 
 def _staff_subject(ticket_subject: str, reference: str) -> str:

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from helpdesk.compose import safe_header_value, to_bytes
+from helpdesk.compose import Composed, safe_header_value, to_bytes
 from helpdesk.config import Settings
 from helpdesk.errors import (
     ConfigError,
@@ -232,7 +232,7 @@ async def check_smtp(settings: Settings) -> str:
 async def enqueue(
     session: AsyncSession,
     *,
-    msg: EmailMessage,
+    msg: EmailMessage | Composed,
     kind: str,
     recipient: str,
     mail_from: str,
@@ -243,7 +243,10 @@ async def enqueue(
 ) -> Outbox:
     """Add one mail to the outbox (``session.add`` only: the caller commits, together with
     the ticket it belongs to)."""
-    message_id = msg["Message-ID"]
+    if isinstance(msg, Composed):
+        message_id, raw = msg.message_id, msg.raw
+    else:
+        message_id, raw = msg["Message-ID"], to_bytes(msg)
     if not message_id:
         raise InvalidInputError("an outbox mail needs a Message-ID")
     row = Outbox(
@@ -253,7 +256,7 @@ async def enqueue(
         recipient=safe_header_value(recipient),
         mail_from=safe_header_value(mail_from),
         message_id=safe_header_value(str(message_id)),
-        raw=to_bytes(msg),
+        raw=raw,
         status=PENDING,
         attempts=0,
         next_attempt_at=now,

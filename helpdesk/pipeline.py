@@ -169,10 +169,7 @@ class Pipeline:
         prepared = [self.prepare(m.raw, m.uid) for m in mails]
         try:
             async with self.sessions() as session, session.begin():
-                result = await self._store(
-                    session, prepared, folder=folder, uidvalidity=uidvalidity
-                )
-            return result
+                return await self._store(session, prepared, folder=folder, uidvalidity=uidvalidity)
         except Exception as exc:
             if len(prepared) == 1:
                 log.warning(
@@ -254,30 +251,86 @@ class Pipeline:
         folder: str,
         uidvalidity: int | None,
     ) -> BatchResult:
+        """Store a batch with a handful of statements, whatever its size: the lookups are
+        made for the whole batch, new tickets are inserted together, and everything else
+        is flushed once at the commit."""
         now = self.clock()
         result = BatchResult()
         known = await tickets.known_message_ids(
             session, message_ids=[p.message_id for p in prepared]
         )
-        stored: list[tuple[Message, InboundEmail]] = []
-        for p in prepared:
+        fresh: list[Prepared] = []
+        outcomes: dict[int, Outcome] = {}
+        for i, p in enumerate(prepared):
             if p.message_id in known:
-                result.outcomes.append(
-                    Outcome(p.uid, p.message_id, "duplicate", None, "none: duplicate")
+                outcomes[i] = Outcome(p.uid, p.message_id, "duplicate", None, "none: duplicate")
+            else:
+                known.add(p.message_id)
+                fresh.append(p)
+        readable = [p for p in fresh if p.email is not None and p.classification is not None]
+        index = await tickets.ThreadIndex.load(session, [p.email for p in readable if p.email])
+
+        plans: list[tuple[Prepared, Ticket, bool, str]] = []
+        created: list[Ticket] = []
+        for p in readable:
+            email, cls = p.email, p.classification
+            assert email is not None and cls is not None
+            kind = "bounce" if cls.robot.kind == "bounce" else "mail"
+            ticket = index.bounced(email) if kind == "bounce" else None
+            ticket = ticket or index.find(email)
+            is_new = ticket is None
+            if ticket is None:
+                requester = email.reply_address or email.from_addr
+                ticket = tickets.new_ticket(
+                    session,
+                    subject=email.subject,
+                    requester=requester.key if requester else "",
+                    requester_name=requester.name if requester else "",
+                    language=cls.language,
+                    mailbox=self.mailbox,
+                    now=now,
+                    due_days=self.settings.due_days,
                 )
-                continue
-            known.add(p.message_id)
-            outcome = await self._store_one(
+                created.append(ticket)
+            index.remember(email.message_id, ticket)
+            plans.append((p, ticket, is_new, kind))
+        await tickets.assign_references(session, created)
+
+        since = now - timedelta(hours=self.settings.ack_limit_window_hours)
+        acks_sent = await tickets.acks_sent_since(
+            session,
+            recipients=[
+                p.email.reply_address.key
+                for p, _t, is_new, _k in plans
+                if is_new and p.email is not None and p.email.reply_address is not None
+            ],
+            since=since,
+        )
+        stored: list[tuple[Message, InboundEmail]] = []
+        by_prepared: dict[int, Outcome] = {}
+        for p, ticket, is_new, kind in plans:
+            by_prepared[id(p)] = await self._store_one(
                 session,
                 p,
+                ticket,
+                is_new=is_new,
+                kind=kind,
                 now=now,
-                folder=folder,
-                uidvalidity=uidvalidity,
                 result=result,
                 stored=stored,
+                acks_sent=acks_sent,
             )
-            result.outcomes.append(outcome)
+        for p in fresh:
+            if id(p) not in by_prepared:
+                by_prepared[id(p)] = await self._store_unreadable(
+                    session, p, now=now, folder=folder, uidvalidity=uidvalidity
+                )
         await tickets.flush_attachments(session, stored)
+        fresh_ids = {id(p) for p in fresh}
+        for i, p in enumerate(prepared):
+            if id(p) in fresh_ids:
+                outcomes[i] = by_prepared[id(p)]
+        result.outcomes = [outcomes[i] for i in range(len(prepared))]
         uids = [p.uid for p in prepared if p.uid is not None]
         if uids:
             await self._advance(
@@ -289,41 +342,18 @@ class Pipeline:
         self,
         session: AsyncSession,
         p: Prepared,
+        ticket: Ticket,
         *,
+        is_new: bool,
+        kind: str,
         now: datetime,
-        folder: str,
-        uidvalidity: int | None,
         result: BatchResult,
         stored: list[tuple[Message, InboundEmail]],
+        acks_sent: dict[str, int],
     ) -> Outcome:
         email, cls = p.email, p.classification
-        if email is None or cls is None:
-            return await self._store_unreadable(
-                session, p, now=now, folder=folder, uidvalidity=uidvalidity
-            )
+        assert email is not None and cls is not None
         robot = cls.robot
-        ticket: Ticket | None = None
-        kind = "mail"
-        if robot.kind == "bounce":
-            kind = "bounce"
-            ticket = await tickets.ticket_by_message_ids(
-                session, message_ids=getattr(email, "embedded_message_ids", ())
-            )
-        if ticket is None:
-            ticket = await tickets.find_thread(session, email=email)
-        created = ticket is None
-        if ticket is None:
-            requester = email.reply_address or email.from_addr
-            ticket = await tickets.create_ticket(
-                session,
-                subject=email.subject,
-                requester=requester.key if requester else "",
-                requester_name=requester.name if requester else "",
-                language=cls.language,
-                mailbox=self.mailbox,
-                now=now,
-                due_days=self.settings.due_days,
-            )
         message = tickets.add_inbound_message(
             session,
             ticket=ticket,
@@ -361,8 +391,8 @@ class Pipeline:
                     "paged": len(outcome.paged),
                 },
             )
-            if outcome.created or getattr(outcome, "reopened", False):
-                why_not = self._why_no_reply(email, cls, crisis=True)
+            if outcome.created or outcome.reopened:
+                why_not = self._why_no_reply(email, cls)
                 if why_not is None:
                     await self._enqueue_ack(
                         session,
@@ -378,21 +408,15 @@ class Pipeline:
                     reply = "crisis reply"
                 else:
                     reply = f"none: {why_not}"
-        if created and not crisis_replied:
-            why_not = self._why_no_reply(email, cls, crisis=False)
-            if why_not is None:
-                recipient = email.reply_address
-                assert recipient is not None  # checked by _why_no_reply
+        if is_new and not crisis_replied:
+            why_not = self._why_no_reply(email, cls)
+            recipient = email.reply_address
+            if why_not is None and recipient is not None:
                 limit = self.settings.ack_limit_per_sender
-                since = now - timedelta(hours=self.settings.ack_limit_window_hours)
-                if (
-                    await tickets.acks_sent_since(session, recipient=recipient.key, since=since)
-                    >= limit
-                ):
-                    why_not = (
-                        f"rate limited ({limit} per {self.settings.ack_limit_window_hours:g} h)"
-                    )
-            if why_not is None:
+                if acks_sent.get(recipient.key, 0) >= limit:
+                    hours = self.settings.ack_limit_window_hours
+                    why_not = f"rate limited ({limit} per {hours:g} h)"
+            if why_not is None and recipient is not None:
                 await self._enqueue_ack(
                     session,
                     ticket=ticket,
@@ -402,6 +426,7 @@ class Pipeline:
                     crisis=False,
                     oncall_alerted=False,
                 )
+                acks_sent[recipient.key] = acks_sent.get(recipient.key, 0) + 1
                 result.enqueued_routine += 1
                 reply = "ack"
             else:
@@ -409,16 +434,14 @@ class Pipeline:
         return Outcome(
             p.uid,
             email.message_id,
-            "created" if created else "appended",
+            "created" if is_new else "appended",
             ticket.reference,
             reply,
             p.crisis.tier,
             p.crisis.rule_ids,
         )
 
-    def _why_no_reply(
-        self, email: InboundEmail, cls: Classification, *, crisis: bool
-    ) -> str | None:
+    def _why_no_reply(self, email: InboundEmail, cls: Classification) -> str | None:
         """Why this mail must not be answered, or None when it may be."""
         if cls.robot.suppress_reply:
             return f"{cls.robot.kind}: {cls.robot.reason}"
@@ -444,7 +467,7 @@ class Pipeline:
         assert recipient is not None and ticket.reference is not None
         message_id = compose.new_message_id(self.identity.message_id_domain)
         references = [*email.references, email.message_id]
-        msg = compose.ack_mail(
+        msg = compose.ack_bytes(
             identity=self.identity,
             to_addr=recipient.email,
             to_name=recipient.name,
@@ -477,7 +500,7 @@ class Pipeline:
             message_id=message_id,
             from_addr=self.identity.address,
             to_addr=recipient.key,
-            subject=str(msg["Subject"]),
+            subject=msg.subject,
             text_body="(automatic crisis reply)" if crisis else "(automatic acknowledgement)",
             in_reply_to=email.message_id,
             references=" ".join(references),

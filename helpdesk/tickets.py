@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -57,32 +58,75 @@ async def known_message_ids(session: AsyncSession, *, message_ids: Iterable[str]
     return found
 
 
-async def find_thread(session: AsyncSession, *, email: InboundEmail) -> Ticket | None:
-    """The ticket this mail answers, or None when it starts a new one."""
-    referenced = [*email.in_reply_to, *reversed(email.references)]
-    if referenced:
-        row = await session.exec(
-            select(Message.ticket_id).where(col(Message.message_id).in_(referenced[:100])).limit(1)
-        )
-        ticket_id = row.first()
-        if ticket_id is not None:
-            return await session.get(Ticket, ticket_id)
-    refs = references_in_subject(email.subject)
-    sender = email.reply_address
-    if refs and sender is not None:
-        senders = {sender.key}
-        if email.from_addr is not None:
-            senders.add(email.from_addr.key)
-        rows = await session.exec(
-            select(Ticket).where(
-                col(Ticket.reference).in_(refs), col(Ticket.requester).in_(senders)
+class ThreadIndex:
+    """Which ticket each mail of a batch belongs to, loaded with a few queries per batch.
+
+    ``find`` applies the threading rule: a Message-ID we stored or sent (In-Reply-To first,
+    then References from the newest), else a subject reference whose ticket belongs to
+    the sender. ``remember`` makes mails of the same batch thread onto each other.
+    """
+
+    def __init__(self, by_message_id: dict[str, Ticket], by_reference: dict[str, Ticket]) -> None:
+        self.by_message_id = by_message_id
+        self.by_reference = by_reference
+
+    @classmethod
+    async def load(cls, session: AsyncSession, emails: Sequence[InboundEmail]) -> ThreadIndex:
+        ids: set[str] = set()
+        refs: set[str] = set()
+        for email in emails:
+            ids.update(
+                email.in_reply_to[:50], email.references[-50:], email.embedded_message_ids[:20]
             )
-        )
-        return rows.first()
-    return None
+            refs.update(references_in_subject(email.subject))
+        ticket_of: dict[str, int] = {}
+        id_list = sorted(ids)
+        for start in range(0, len(id_list), 500):
+            rows = await session.exec(
+                select(Message.message_id, Message.ticket_id).where(
+                    col(Message.message_id).in_(id_list[start : start + 500])
+                )
+            )
+            ticket_of.update(dict(rows.all()))
+        by_id: dict[int, Ticket] = {}
+        wanted = sorted(set(ticket_of.values()))
+        conditions = []
+        if wanted:
+            conditions.append(col(Ticket.id).in_(wanted))
+        if refs:
+            conditions.append(col(Ticket.reference).in_(sorted(refs)))
+        if conditions:
+            rows_t = await session.exec(select(Ticket).where(sa.or_(*conditions)))
+            by_id = {t.id: t for t in rows_t.all() if t.id is not None}
+        by_reference = {t.reference: t for t in by_id.values() if t.reference}
+        by_message_id = {mid: by_id[tid] for mid, tid in ticket_of.items() if tid in by_id}
+        return cls(by_message_id, by_reference)
+
+    def find(self, email: InboundEmail) -> Ticket | None:
+        for mid in (*email.in_reply_to, *reversed(email.references)):
+            ticket = self.by_message_id.get(mid)
+            if ticket is not None:
+                return ticket
+        senders = {a.key for a in (email.reply_address, email.from_addr) if a is not None}
+        for ref in references_in_subject(email.subject):
+            ticket = self.by_reference.get(ref)
+            if ticket is not None and ticket.requester in senders:
+                return ticket
+        return None
+
+    def bounced(self, email: InboundEmail) -> Ticket | None:
+        """For a bounce: the ticket whose mail (our acknowledgement) bounced."""
+        for mid in email.embedded_message_ids:
+            ticket = self.by_message_id.get(mid)
+            if ticket is not None:
+                return ticket
+        return None
+
+    def remember(self, message_id: str, ticket: Ticket) -> None:
+        self.by_message_id[message_id] = ticket
 
 
-async def create_ticket(
+def new_ticket(
     session: AsyncSession,
     *,
     subject: str,
@@ -93,6 +137,7 @@ async def create_ticket(
     now: datetime,
     due_days: int,
 ) -> Ticket:
+    """A new ticket, added to the session; its reference is set by ``assign_references``."""
     ticket = Ticket(
         subject=subject[:998],
         requester=requester.lower()[:320],
@@ -105,9 +150,22 @@ async def create_ticket(
         due_at=now + timedelta(days=due_days),
     )
     session.add(ticket)
+    return ticket
+
+
+async def assign_references(session: AsyncSession, new: Sequence[Ticket]) -> None:
+    """Flush new tickets (one INSERT for the lot) and give each its ``HD-`` reference."""
+    if not new:
+        return
     await session.flush()
-    assert ticket.id is not None  # flushed
-    ticket.reference = reference_for(ticket.id)
+    for ticket in new:
+        assert ticket.id is not None  # flushed
+        ticket.reference = reference_for(ticket.id)
+
+
+async def create_ticket(session: AsyncSession, **fields: Any) -> Ticket:
+    ticket = new_ticket(session, **fields)
+    await assign_references(session, [ticket])
     return ticket
 
 
@@ -229,32 +287,23 @@ def touch(ticket: Ticket, *, now: datetime) -> None:
     ticket.last_message_at = now
 
 
-async def acks_sent_since(session: AsyncSession, *, recipient: str, since: datetime) -> int:
-    """How many routine acknowledgements went to this address since ``since``."""
-    row = await session.exec(
-        select(sa.func.count())
-        .select_from(Outbox)
+async def acks_sent_since(
+    session: AsyncSession, *, recipients: Iterable[str], since: datetime
+) -> dict[str, int]:
+    """How many routine acknowledgements went to each address since ``since``."""
+    wanted = sorted({r.lower() for r in recipients})
+    if not wanted:
+        return {}
+    rows = await session.exec(
+        select(Outbox.recipient, sa.func.count())
         .where(
-            col(Outbox.recipient) == recipient.lower(),
+            col(Outbox.recipient).in_(wanted),
             col(Outbox.kind) == "ack",
             col(Outbox.created_at) >= since,
         )
+        .group_by(col(Outbox.recipient))
     )
-    return int(row.one())
-
-
-async def ticket_by_message_ids(
-    session: AsyncSession, *, message_ids: Sequence[str]
-) -> Ticket | None:
-    if not message_ids:
-        return None
-    row = await session.exec(
-        select(Message.ticket_id)
-        .where(col(Message.message_id).in_(list(message_ids)[:100]))
-        .limit(1)
-    )
-    ticket_id = row.first()
-    return None if ticket_id is None else await session.get(Ticket, ticket_id)
+    return {recipient: int(count) for recipient, count in rows.all()}
 
 
 async def get_ticket(session: AsyncSession, *, reference: str) -> Ticket:

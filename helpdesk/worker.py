@@ -267,8 +267,8 @@ class Worker:
     async def _run_tasks(self) -> None:
         tasks = [
             asyncio.create_task(self._mailbox_loop(), name="mailbox"),
-            asyncio.create_task(self._delivery_loop(0), name="deliver-priority"),
-            asyncio.create_task(self._delivery_loop(1), name="deliver-routine"),
+            asyncio.create_task(self._delivery_loop(0, until=self._stop), name="deliver-priority"),
+            asyncio.create_task(self._delivery_loop(1, until=self._stop), name="deliver-routine"),
             asyncio.create_task(self._every(1.0, self._escalation_tick), name="escalation"),
             asyncio.create_task(self._every(2.0, self.deliver_webhooks), name="webhooks"),
             asyncio.create_task(self._every(10.0, self._heartbeat), name="heartbeat"),
@@ -335,11 +335,11 @@ class Worker:
                 await self._drop_connection()
                 await self._sleep(backoff.delay(attempt))
 
-    async def _delivery_loop(self, lane: int) -> None:
+    async def _delivery_loop(self, lane: int, *, until: asyncio.Event) -> None:
         sender = self.sender_factory("priority" if lane == 0 else "routine")
         event = self._wake[lane]
         try:
-            while not self._stop.is_set():
+            while not until.is_set():
                 event.clear()
                 try:
                     await outbox.deliver_due(
