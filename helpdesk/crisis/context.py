@@ -1,0 +1,116 @@
+"""Reading the words around a lexicon hit: does it count, and how urgent is it?
+
+Job: given a rule that matched normalised text at ``[start, end)``, decide from the
+surrounding sentence whether the hit is dropped (idiom, excluded phrase, hotline or
+signature text, an informational or someone else's past medical event) or lowered to
+tier 2 (negated, historical, third-person, hypothetical), and say why.
+
+Invariants:
+- Context never raises a tier and never clears a suicide or self-harm hit except as an
+  idiom, an excluded phrase or hotline/signature text: a negated, past, reported or
+  hypothetical mention of suicide is still tier 2 ("in doubt, escalate").
+- Cues are looked for inside the hit's sentence only (sentences end at ``. ! ? ;`` or a
+  blank line, not at a single line break, because mail clients wrap lines); negation
+  only in the last five words before the hit, inside the same clause, and not when a
+  first-person word stands between the cue and the hit.
+- Pure: the verdict depends on the text, the rule and the compiled cues only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from helpdesk.crisis.lexicon import Context, Rule
+
+__all__ = ["Verdict", "assess"]
+
+_BOUNDARY = re.compile(r"[.!?;]+(?=\s|$)|\n[ \t>]*\n")
+_WINDOW = 240
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    keep: bool
+    tier: int
+    reason: str
+
+
+def _sentence(text: str, start: int, end: int) -> tuple[int, int]:
+    lo = max(0, start - _WINDOW)
+    s = lo
+    for m in _BOUNDARY.finditer(text, lo, start):
+        s = m.end()
+    m2 = _BOUNDARY.search(text, end, min(len(text), end + _WINDOW))
+    return s, (m2.start() if m2 else min(len(text), end + _WINDOW))
+
+
+def _last(rx: re.Pattern[str], text: str) -> re.Match[str] | None:
+    last = None
+    for m in rx.finditer(text):
+        last = m
+    return last
+
+
+def _cue_applies(rx: re.Pattern[str], before: str, ctx: Context) -> bool:
+    """A cue in ``before`` with no first-person word between it and the hit."""
+    m = _last(rx, before)
+    return m is not None and not ctx.first_person.search(before, m.end())
+
+
+def _negated(before: str, ctx: Context) -> bool:
+    b = _last(ctx.clause_break, before)
+    clause = before[b.end() :] if b else before
+    words = clause.split()[-5:]
+    window = " " + " ".join(words) + " "
+    window = ctx.pseudo_negation.sub(" ", window)
+    return _cue_applies(ctx.negation, window, ctx)
+
+
+def assess(rule: Rule, text: str, start: int, end: int, ctx: Context) -> Verdict:
+    """The verdict on one hit of ``rule`` at ``text[start:end]``."""
+    s, e = _sentence(text, start, end)
+    sentence = text[s:e]
+    before = text[s:start]
+    match = text[start:end]
+    for m in ctx.idioms.finditer(text, max(s, start - 60), min(e, end + 60)):
+        if m.start() < end and m.end() > start:
+            return Verdict(False, rule.tier, "idiom")
+    if rule.unless is not None and rule.unless.search(sentence):
+        return Verdict(False, rule.tier, "excluded phrase")
+    if rule.also is not None and not rule.also.search(sentence):
+        return Verdict(False, rule.tier, "missing required context")
+    first_person_here = ctx.first_person.search(sentence) is not None
+    if ctx.hotline.search(sentence) and (rule.generic or not first_person_here):
+        return Verdict(False, rule.tier, "hotline or signature text")
+
+    reasons: list[str] = []
+    if _cue_applies(ctx.informational, before, ctx):
+        if rule.medical:
+            return Verdict(False, rule.tier, "informational mention")
+        reasons.append("informational: lowered")
+    if _negated(before, ctx):
+        reasons.append("negated: lowered to tier 2")
+    historical = ctx.history.search(sentence) is not None and not ctx.present.search(sentence)
+    if historical:
+        reasons.append("historical: lowered")
+    third = False
+    if not rule.keep_third_person:
+        in_match = ctx.third_person_in_match.search(
+            match
+        ) is not None and not ctx.first_person.search(before)
+        third = in_match or (
+            _cue_applies(ctx.third_person, before, ctx) and not ctx.first_person.search(match)
+        )
+        # A child in the writer's care: their medical emergency is the writer's emergency.
+        if third and rule.medical_or_poison and ctx.child.search(text, s, end):
+            third = False
+    if third:
+        if historical and rule.medical:
+            return Verdict(False, rule.tier, "someone else's past event")
+        reasons.append("third-person: lowered")
+    if _cue_applies(ctx.hypothetical, before, ctx) and not ctx.first_person.search(match):
+        reasons.append("hypothetical: lowered")
+    if not reasons:
+        return Verdict(True, rule.tier, "direct")
+    return Verdict(True, max(rule.tier, 2), "; ".join(reasons))

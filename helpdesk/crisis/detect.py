@@ -1,0 +1,153 @@
+"""``detect``: the crisis decision for one inbound mail, as a value.
+
+Job: normalise the subject and the body (the plain text, or the HTML when there is no
+plain text), run the lexicon rules whose trigger stems occur, drop hits inside quoted
+replies or our own templates, weigh each remaining hit in its sentence, and return the
+most urgent tier with every hit, where it is and why.
+
+Invariants:
+- ``detect`` never raises on str input: an internal failure answers tier 2 with
+  ``error="could not check: <ExceptionType>"`` (in doubt, escalate).
+- Hit offsets are into the original field text given to ``detect`` (``html`` when the
+  body came from it); subject and body weigh the same.
+- Tier 1 is the most urgent; the result's category is the deciding hit's: the most
+  urgent, then a specific rule before a bare mention, then the earliest.
+- No logging and no I/O; the text of a mail never leaves this function except as offsets.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from helpdesk.crisis.context import assess
+from helpdesk.crisis.lexicon import Lexicon, load_lexicon
+from helpdesk.crisis.normalise import normalise
+from helpdesk.crisis.quotes import mask, quoted_spans, template_spans
+
+__all__ = ["CrisisHit", "CrisisResult", "detect"]
+
+Field = Literal["subject", "body"]
+_MAX_HITS = 50
+_SENTENCE_END = re.compile(r"[.!?]+")
+# Half-width of the window scanned around a trigger: longer than any lexicon match.
+_REACH = 130
+
+
+@dataclass(frozen=True, slots=True)
+class CrisisHit:
+    """One rule that fired: where (offsets into the original field) and why this tier."""
+
+    rule_id: str
+    category: str
+    tier: int
+    field: Field
+    start: int
+    end: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CrisisResult:
+    """The decision: ``tier`` 1 (page now), 2 (urgent) or None (no crisis language)."""
+
+    tier: int | None
+    category: str | None
+    hits: tuple[CrisisHit, ...]
+    lexicon_version: str
+    error: str | None = None
+
+    @property
+    def rule_ids(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(h.rule_id for h in self.hits))
+
+
+def _overlaps(a: int, z: int, spans: Sequence[tuple[int, int]]) -> bool:
+    return any(a < e and z > s for s, e in spans)
+
+
+def _matches(
+    rx: re.Pattern[str], text: str, positions: list[int], ends: list[int]
+) -> list[re.Match[str]]:
+    """Matches of ``rx`` in windows around the trigger positions.
+
+    A window is the trigger's sentence (``ends`` holds sentence-end offsets), at most
+    ``_REACH`` characters either side: lexicon phrases do not cross a sentence end.
+    """
+    n = len(text)
+    wins: list[tuple[int, int]] = []
+    for p in sorted(positions):
+        i = bisect_right(ends, p)
+        lo = max(p - _REACH, ends[i - 1] if i else 0, 0)
+        hi = min(p + _REACH, ends[i] if i < len(ends) else n)
+        if wins and lo <= wins[-1][1]:
+            wins[-1] = (wins[-1][0], max(hi, wins[-1][1]))
+        else:
+            wins.append((lo, hi))
+    return [m for lo, hi in wins for m in rx.finditer(text, lo, hi) if m.end() > m.start()]
+
+
+def _scan(
+    lex: Lexicon, field: Field, raw: str, own_templates: Sequence[str]
+) -> list[tuple[CrisisHit, bool]]:
+    # Quoted replies are blanked before anything else (same length, so offsets hold):
+    # they can never fire, and long reply chains are most of a long mail.
+    quoted = quoted_spans(raw) if field == "body" else []
+    norm = normalise(mask(raw, quoted) if quoted else raw, lex.fuzzy)
+    text = norm.text
+    found = lex.candidates(text, norm.tokens)
+    if not found:
+        return []
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    masked: list[tuple[int, int]] | None = None
+    out: list[tuple[CrisisHit, bool]] = []
+    for ri in sorted(found):
+        rule = lex.rules[ri]
+        for m in _matches(rule.regex, text, found[ri], ends):
+            a, z = norm.span(m.start(), m.end())
+            if masked is None:
+                masked = template_spans(raw, own_templates)
+            if _overlaps(a, z, masked):
+                continue
+            v = assess(rule, text, m.start(), m.end(), lex.context)
+            if v.keep:
+                hit = CrisisHit(rule.id, rule.category, v.tier, field, a, z, v.reason)
+                out.append((hit, rule.generic))
+            if len(out) >= _MAX_HITS:
+                return out
+    return out
+
+
+def _detect(
+    subject: str, text: str, html: str | None, own_templates: Sequence[str]
+) -> CrisisResult:
+    lex = load_lexicon()
+    body = text if text.strip() else (html or "")
+    found = _scan(lex, "subject", subject, own_templates) + _scan(lex, "body", body, own_templates)
+    if not found:
+        return CrisisResult(None, None, (), lex.version)
+    order = {"subject": 0, "body": 1}
+    found.sort(key=lambda hg: (order[hg[0].field], hg[0].start, hg[0].end))
+    best = min(found, key=lambda hg: (hg[0].tier, hg[1], order[hg[0].field], hg[0].start))[0]
+    return CrisisResult(best.tier, best.category, tuple(h for h, _ in found), lex.version)
+
+
+def detect(
+    subject: str,
+    text: str,
+    html: str | None = None,
+    *,
+    own_templates: Sequence[str] = (),
+) -> CrisisResult:
+    """Classify one mail; see the module docstring for the guarantees."""
+    try:
+        return _detect(subject or "", text or "", html, own_templates)
+    except Exception as exc:  # in doubt, escalate: a failed check must not read as "safe"
+        try:
+            version = load_lexicon().version
+        except Exception:  # the lexicon itself may be what failed
+            version = "unknown"
+        return CrisisResult(2, None, (), version, error=f"could not check: {type(exc).__name__}")

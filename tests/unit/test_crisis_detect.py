@@ -1,0 +1,164 @@
+"""detect(): tiers, context, the result value, robustness, and the dev-set metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from helpdesk.crisis import CrisisHit, CrisisResult, detect, detect_language
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("text", "tier", "category"),
+    [
+        ("I want to kill myself", 1, "suicidal_ideation"),
+        ("i'm not suicidal but I can't see the point of living", 2, "suicidal_ideation"),
+        ("I don't want to kill myself but I think about it", 2, "suicidal_ideation"),
+        ("I was suicidal years ago", 2, "suicidal_ideation"),
+        ("my friend said she wants to die", 2, "suicidal_ideation"),
+        ("what should someone do if they have chest pain?", 2, "chest_pain"),
+        ("how many would it take", 2, "overdose"),
+        ("how many of my pills would it take to die", 2, "overdose"),
+        ("took double dose of my blood thinner", 1, "medication_emergency"),
+        ("mi esposo me pega", 1, "abuse"),
+        ("tomé todas las pastillas", 1, "overdose"),
+        ("no puedo respirar", 1, "breathing"),
+        ("me corté", 2, "self_harm"),
+        ("the face is drooping and his speech is slurred", 1, "stroke"),
+    ],
+)
+def test_tiers(text: str, tier: int | None, category: str | None) -> None:
+    res = detect("", text)
+    assert (res.tier, res.category) == (tier, category)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "this wait is killing me",
+        "dying to know",
+        "I could kill for a coffee",
+        "my back is killing me",
+        "me muero de ganas",
+        "me muero de risa",
+        "drop dead gorgeous",
+        "killer app",
+        "is it safe to take ibuprofen with lisinopril",
+        "what is the max dose of tylenol per day",
+        "my prescription is overdue",
+        "the side effects list mentions chest pain, should I worry",
+    ],
+)
+def test_idioms_and_information_do_not_fire(text: str) -> None:
+    assert detect("", text).tier is None
+
+
+def test_subject_counts_like_the_body() -> None:
+    res = detect("I want to die", "see subject")
+    assert res.tier == 1
+    assert res.hits[0].field == "subject"
+
+
+def test_hit_says_where_and_why() -> None:
+    body = "Hello.\nI am not suicidal, really."
+    res = detect("", body)
+    assert res.tier == 2
+    hit = res.hits[0]
+    assert isinstance(hit, CrisisHit)
+    assert body[hit.start : hit.end].lower().endswith("suicidal")
+    assert "negated" in hit.reason
+    assert res.rule_ids == tuple(dict.fromkeys(h.rule_id for h in res.hits))
+
+
+def test_html_is_used_only_without_text() -> None:
+    html = "<p>I can&rsquo;t breathe</p>"
+    assert detect("", "", html).tier == 1
+    assert detect("", "refill please", html).tier is None
+
+
+def test_obfuscation_fires() -> None:
+    for text in ["su1c1dal", "s u i c i d e thoughts", "k1ll myself", "unalive", "ovrdosed"]:
+        assert detect("", f"i am {text}").tier is not None, text
+
+
+def test_result_is_frozen() -> None:
+    res = detect("", "hello")
+    assert res == CrisisResult(None, None, (), res.lexicon_version)
+    with pytest.raises(AttributeError):
+        res.tier = 1  # type: ignore[misc]
+
+
+def test_never_raises_on_strange_input() -> None:
+    rnd = random.Random(1)
+    samples = [
+        "",
+        "\x00\x01\x02" * 100,
+        "\ud800 lone surrogate suicide",
+        "<" * 10000,
+        "&#99999999; &#x110000; &bogus;",
+        "a" * 200_000 + " kill myself",
+        "s u i c i d e " * 2000,
+    ]
+    samples += [bytes(rnd.randrange(256) for _ in range(3000)).decode("latin-1") for _ in range(20)]
+    samples += [
+        bytes(rnd.randrange(256) for _ in range(3000)).decode("utf-8", "surrogateescape")
+        for _ in range(20)
+    ]
+    for s in samples:
+        res = detect(s[:500], s, s)
+        assert res.error is None, res.error
+    assert detect("", "a" * 200_000 + " kill myself").tier == 1
+
+
+def test_internal_failure_escalates(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = sys.modules["helpdesk.crisis.detect"]
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("x")
+
+    monkeypatch.setattr(mod, "_scan", boom)
+    res = detect("", "hello")
+    assert res.tier == 2
+    assert res.error == "could not check: RuntimeError"
+
+
+@pytest.mark.parametrize(
+    ("text", "lang"),
+    [
+        ("Hola, necesito cambiar mi cita para el lunes por favor", "es"),
+        ("Hi, I need to move my appointment to Monday please", "en"),
+        ("", "en"),
+        ("12345", "en"),
+    ],
+)
+def test_language(text: str, lang: str) -> None:
+    assert detect_language(text) == lang
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("crisis_bench", ROOT / "bench" / "classify.py")
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_devset_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
+    rows = bench.load_devset()
+    assert len(rows) >= 150
+    cats = {r["category"] for r in rows if r["category"]}
+    assert len(cats) == 10
+    m = bench.evaluate(rows)
+    with capsys.disabled():
+        print("\n" + bench.report(m))
+    assert m["recall"] >= 0.98
+    assert m["precision"] >= 0.80
