@@ -148,6 +148,29 @@ def db_current() -> None:
     typer.echo(", ".join(sorted(revisions)) or "(empty database)")
 
 
+@db_app.command("copy")
+def db_copy(
+    source: Annotated[str, typer.Option("--from", help="Database URL to copy from.")],
+    target: Annotated[str, typer.Option("--to", help="Empty, migrated database URL to copy to.")],
+) -> None:
+    """Copy every row from one database to another (e.g. SQLite to PostgreSQL)."""
+    from helpdesk.config import load_settings
+    from helpdesk.dbcopy import copy_database
+
+    try:
+        src, dst = load_settings(database_url=source), load_settings(database_url=target)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+    def progress(table: str, rows: int) -> None:
+        if rows % 10_000 == 0:
+            typer.echo(f"  {table}: {rows} rows", err=True)
+
+    counts = run(copy_database(src, dst, progress=progress))
+    for table, rows in counts.items():
+        typer.echo(f"{table:<18} {rows:>8} rows")
+
+
 # -- worker -----------------------------------------------------------------------------
 @app.command()
 def worker(
@@ -291,12 +314,12 @@ def ticket_show(
 @rejected_app.command("list")
 def rejected_list() -> None:
     """Mails set aside (unreadable or failing a step), with the reason."""
-    from sqlmodel import select
+    from sqlmodel import col, select
 
     from helpdesk.models import RejectedMail
 
     async def load(session: Any) -> list[Any]:
-        rows = await session.exec(select(RejectedMail).order_by(RejectedMail.id))
+        rows = await session.exec(select(RejectedMail).order_by(col(RejectedMail.id)))
         return list(rows.all())
 
     rows = run(_with_session(get_settings(), load))
