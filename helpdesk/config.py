@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     smtp_security: Security = "ssl"
     smtp_timeout: float = Field(default=30.0, gt=0)
 
+    imap_auth: Literal["password", "xoauth2"] = "password"
+    smtp_auth: Literal["password", "xoauth2"] = "password"
+    oauth_token_command: str = ""
+    """A command printing an OAuth2 access token (bare, or JSON with expires_in)."""
+    oauth_token_file: str = ""
+    """A file holding the access token, kept fresh by something else."""
+
     allow_insecure: bool = False
     """Allow ``*_security=none`` to a host that is not on this machine (plain-text passwords)."""
 
@@ -142,6 +149,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}DATABASE_URL must start with sqlite+aiosqlite:// or"
                 " postgresql+asyncpg://"
+            )
+        if "xoauth2" in (self.imap_auth, self.smtp_auth) and (
+            bool(self.oauth_token_command) == bool(self.oauth_token_file)
+        ):
+            raise ValueError(
+                f"XOAUTH2 login needs exactly one of {ENV_PREFIX}OAUTH_TOKEN_COMMAND or"
+                f" {ENV_PREFIX}OAUTH_TOKEN_FILE"
             )
         if not self.escalation_level_delays or any(d < 0 for d in self.escalation_level_delays):
             raise ValueError(
