@@ -21,7 +21,7 @@ from helpdesk import migrations
 from helpdesk.config import Settings, load_settings
 from helpdesk.db import SessionFactory, create_engine, session_factory
 
-pytest_plugins = ["tests.fixtures_smtp"]
+pytest_plugins = ["tests.fixtures_smtp", "tests.fixtures_dovecot"]
 
 PG_ADMIN_DSN = os.environ.get("HELPDESK_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -70,10 +70,8 @@ class PgDatabases:
 
     def drop_all(self) -> None:
         for name in self.created:
-            try:
+            with contextlib.suppress(Exception):
                 asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            except Exception:
-                pass
 
 
 @pytest.fixture(scope="session")

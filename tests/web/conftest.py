@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 import re
 import socket
 import threading
@@ -327,8 +328,8 @@ def free_port() -> int:
 class LiveServer:
     """The app served by uvicorn in a background thread on a free 127.0.0.1 port."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             create_app(settings),
@@ -355,11 +356,13 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server() -> Iterator[Callable[[Settings], LiveServer]]:
+def live_server() -> Iterator[Callable[..., LiveServer]]:
+    """``live_server(settings, port=None)``: a port chosen up front lets ``settings.base_url``
+    (which the worker writes into links in mail) point at the server before it starts."""
     started: list[LiveServer] = []
 
-    def _start(settings: Settings) -> LiveServer:
-        server = LiveServer(settings).__enter__()
+    def _start(settings: Settings, port: int | None = None) -> LiveServer:
+        server = LiveServer(settings, port).__enter__()
         started.append(server)
         return server
 
@@ -373,6 +376,8 @@ def browser() -> Iterator[Any]:
     """Chromium for one test: Playwright's sync API keeps an event loop running in this thread
     while it is open, which would stop the async tests that follow a session-wide browser."""
     if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing in CI (scripts/ensure-services.sh installs it)")
         pytest.skip("Chromium is not installed at /usr/bin/chromium")
     from playwright.sync_api import sync_playwright
 
