@@ -194,8 +194,15 @@ class Worker:
             if beat is not None:
                 beat.last_poll_ok_at = now
 
-    async def drain_outbox(self, lanes: tuple[int, ...] = (0, 1)) -> outbox.DeliveryReport:
-        sender = self.sender_factory("all")
+    async def drain_outbox(
+        self,
+        lanes: tuple[int, ...] = (0, 1),
+        *,
+        sender: outbox.Sender | None = None,
+        tried: set[int] | None = None,
+    ) -> outbox.DeliveryReport:
+        own = sender is None
+        sender = sender or self.sender_factory("all")
         try:
             return await outbox.deliver_due(
                 sessions=self.sessions,
@@ -205,7 +212,33 @@ class Worker:
                 policy=self.policy,
                 lanes=lanes,
                 batch_size=self.settings.outbox_batch_size,
+                tried=tried,
             )
+        finally:
+            if own:
+                await sender.close()
+
+    async def _drain_until(self, done: asyncio.Event) -> outbox.DeliveryReport:
+        """Send what each committed batch enqueued while the next batches are ingested, then
+        one last pass once ``done`` is set. All passes count as one for the retry rules: a
+        row that failed is not tried again, and a server that seems down ends the lot."""
+        sender = self.sender_factory("all")
+        tried: set[int] = set()
+        total = outbox.DeliveryReport(0, 0, 0)
+        try:
+            while True:
+                last = done.is_set()
+                for event in self._wake.values():
+                    event.clear()
+                total += await self.drain_outbox(sender=sender, tried=tried)
+                if last or total.stopped_early:
+                    return total
+                waits = [asyncio.ensure_future(e.wait()) for e in (done, *self._wake.values())]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waits:
+                        waiter.cancel()
         finally:
             await sender.close()
 
@@ -233,21 +266,38 @@ class Worker:
             event.set()
 
     async def run_once(self) -> RunReport:
-        """Process everything in the mailbox now, fire due escalations, drain the outbox."""
+        """Process everything in the mailbox now, fire due escalations, drain the outbox.
+
+        The outbox is drained alongside the ingest (each batch's acks go out while the next
+        batch is parsed), and once more after the escalation timer has run."""
         report = RunReport()
         started = time.perf_counter()
         await self._heartbeat()
+        done = asyncio.Event()
+        drainer = asyncio.create_task(self._drain_until(done), name="drain-outbox")
         try:
-            while True:
-                poll = await self.poll_once()
-                report.poll.add(poll)
-                if poll.fetched == 0 or self._stop.is_set():
-                    break
-        finally:
-            await self._drop_connection()
-        report.escalation_actions = await self.escalate_due()
-        await self.deliver_webhooks()
-        delivery = await self.drain_outbox()
+            try:
+                while True:
+                    poll = await self.poll_once()
+                    report.poll.add(poll)
+                    if poll.fetched == 0 or self._stop.is_set():
+                        break
+            finally:
+                await self._drop_connection()
+            report.escalation_actions = await self.escalate_due()
+            await self.deliver_webhooks()
+        except Exception:
+            done.set()  # let the sends already due go out, each recorded, before failing
+            with contextlib.suppress(Exception):
+                await drainer
+            raise
+        except BaseException:  # cancelled: stop sending now (at most the mail in flight)
+            drainer.cancel()
+            with contextlib.suppress(BaseException):
+                await drainer
+            raise
+        done.set()
+        delivery = await drainer
         report.sent, report.retried, report.failed = (
             delivery.sent,
             delivery.retried,
@@ -401,7 +451,8 @@ class Worker:
 
 
 def _as_extra(report: PollReport) -> dict[str, int]:
-    return {name: getattr(report, name) for name in report.__slots__}
+    # prefixed: some names ("created") are LogRecord attributes and may not be overwritten
+    return {f"mails_{name}": getattr(report, name) for name in report.__slots__}
 
 
 async def last_heartbeat(sessions: SessionFactory) -> WorkerHeartbeat | None:
