@@ -21,7 +21,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
 
-from helpdesk import migrations, oncall, tickets, users
+from helpdesk import logs, migrations, oncall, tickets, users
 from helpdesk.config import Settings, load_settings
 from helpdesk.db import open_database
 from helpdesk.embedded_imap import EmbeddedImap
@@ -197,17 +197,32 @@ async def _run(workdir: Path, *, serve_web: bool, port: int) -> None:
 
 
 async def _print_tickets(sessions: Any) -> None:
+    from sqlmodel import col, select
+
+    from helpdesk.models import Message, Outbox
+
     async with sessions() as session:
         rows = await tickets.list_tickets(session)
+        messages = list((await session.exec(select(Message).order_by(col(Message.id)))).all())
+        sent = list((await session.exec(select(Outbox))).all())
     print("tickets:")
     for t in reversed(rows):
-        crisis = (
-            f"CRISIS tier {t.crisis_tier}, escalation {t.escalation_state}" if t.crisis_tier else ""
-        )
-        print(
-            f"  {t.reference}  {t.status:<5} {t.message_count} msg  {t.language}"
-            f"  {t.requester:<28} {crisis}"
-        )
+        own = [m for m in messages if m.ticket_id == t.id]
+        kinds = {o.kind for o in sent if o.ticket_id == t.id}
+        robot = next((m.robot_reason for m in own if m.robot_reason), None)
+        if t.crisis_tier:
+            what = (
+                f"CRISIS tier {t.crisis_tier} ({t.crisis_category}): on-call paged,"
+                f" crisis reply sent, escalation {t.escalation_state}"
+            )
+        elif "ack" in kinds:
+            what = f"acknowledged ({t.language})"
+        elif robot:
+            what = f"recorded, not answered: {robot}"
+        else:
+            what = "recorded"
+        inbound = sum(m.direction == "inbound" for m in own)
+        print(f"  {t.reference}  {t.requester:<26} {inbound} mail(s) from patient  {what}")
 
 
 def _print_crisis(smtp: SmtpReceiver) -> None:
@@ -248,6 +263,7 @@ async def _serve(settings: Settings, sessions: Any, worker: Worker, port: int) -
 
 
 def run_demo(*, workdir: Path, serve_web: bool = True, port: int = 8000) -> None:
+    logs.configure("ERROR")  # the demo tells its own story; the worker's log lines would interleave
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
