@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +40,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class MailboxConfig(BaseModel):
+    """One more support mailbox (``HELPDESK_MAILBOXES``, a JSON list, or ``[[mailboxes]]`` in
+    the TOML file). Unset fields inherit the top-level ``imap_*`` settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    imap_host: str = ""
+    imap_port: int | None = Field(default=None, ge=1, le=65535)
+    imap_user: str = ""
+    imap_password: SecretStr = SecretStr("")
+    imap_security: Security | None = None
+    imap_auth: Literal["password", "xoauth2"] | None = None
+    imap_folder: str = "INBOX"
+    imap_processed_folder: str = ""
+    support_address: str = ""
+    support_name: str = ""
+
+
 class Settings(BaseSettings):
     """Every setting of helpdesk. Field ``foo`` is read from ``HELPDESK_FOO``."""
 
@@ -52,6 +71,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     database_pool_size: int = Field(default=5, ge=1, le=100)
 
+    mailbox_name: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     imap_host: str = ""
     imap_port: int | None = Field(default=None, ge=1, le=65535)
     imap_user: str = ""
@@ -76,6 +96,9 @@ class Settings(BaseSettings):
     """A command printing an OAuth2 access token (bare, or JSON with expires_in)."""
     oauth_token_file: str = ""
     """A file holding the access token, kept fresh by something else."""
+
+    mailboxes: list[MailboxConfig] = Field(default_factory=list)
+    """Further mailboxes watched beside the main one, each with its own cursor and lease."""
 
     allow_insecure: bool = False
     """Allow ``*_security=none`` to a host that is not on this machine (plain-text passwords)."""
@@ -129,11 +152,26 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    def mailbox_settings(self) -> list[Settings]:
+        """One Settings per watched mailbox: the main one (named "default", when
+        ``imap_host`` is set) and each of ``mailboxes`` with the top level as defaults."""
+        result = [self] if self.imap_host else []
+        for box in self.mailboxes:
+            values = {k: v for k, v in box.model_dump().items() if v not in ("", None)}
+            values.pop("name")
+            values["mailbox_name"] = box.name
+            result.append(self.model_copy(update=values))
+        return result
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        names = [self.mailbox_name, *(b.name for b in self.mailboxes)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{ENV_PREFIX}MAILBOXES: every mailbox needs its own name")
         for proto, host, security in (
             ("imap", self.imap_host, self.imap_security),
             ("smtp", self.smtp_host, self.smtp_security),
+            *(("imap", b.imap_host, b.imap_security or self.imap_security) for b in self.mailboxes),
         ):
             if host and security == "none" and not is_loopback(host) and not self.allow_insecure:
                 raise ValueError(
@@ -241,4 +279,4 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         loaded = _Loaded(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
-    return Settings.model_construct(**loaded.model_dump())
+    return loaded
