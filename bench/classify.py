@@ -2,6 +2,7 @@
 
     python bench/classify.py            # classifications per second on 2-4 KB mails
     python bench/classify.py --report   # recall / precision per category on the dev set
+    python bench/classify.py --report tests/data/crisis/fresh.jsonl   # ... on another set
 
 The throughput mails are built here from a fixed seed: mostly routine patient mail
 (refills, billing, appointments, in English and Spanish, with quoted replies and
@@ -175,13 +176,19 @@ def report(m: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--report", action="store_true", help="dev-set metrics instead of speed")
+    p.add_argument(
+        "--report",
+        nargs="*",
+        metavar="JSONL",
+        help="recall/precision on labelled sets (default: the dev set) instead of speed",
+    )
     p.add_argument("-n", type=int, default=2000, help="mails for the speed bench")
     args = p.parse_args()
-    if args.report:
-        rows = load_devset()
-        print(f"dev set: {len(rows)} mails")
-        print(report(evaluate(rows)))
+    if args.report is not None:
+        for path in [Path(p) for p in args.report] or [DEVSET]:
+            rows = load_devset(path)
+            print(f"{path.name}: {len(rows)} mails")
+            print(report(evaluate(rows)))
     else:
         rate = bench(args.n)
         print(f"{rate:,.0f} classifications/s (2-4 KB mails, one core)")

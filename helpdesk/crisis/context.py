@@ -78,8 +78,10 @@ def assess(rule: Rule, text: str, start: int, end: int, ctx: Context) -> Verdict
             return Verdict(False, rule.tier, "idiom")
     if rule.unless is not None and rule.unless.search(sentence):
         return Verdict(False, rule.tier, "excluded phrase")
-    if rule.also is not None and not rule.also.search(sentence):
+    if any(not rx.search(sentence) for rx in rule.also):
         return Verdict(False, rule.tier, "missing required context")
+    # A tier-2 concept rule rises to tier 1 on intent, plan, means or time words.
+    tier = 1 if rule.upgrade is not None and rule.upgrade.search(sentence) else rule.tier
     first_person_here = ctx.first_person.search(sentence) is not None
     if ctx.hotline.search(sentence) and (rule.generic or not first_person_here):
         return Verdict(False, rule.tier, "hotline or signature text")
@@ -106,11 +108,11 @@ def assess(rule: Rule, text: str, start: int, end: int, ctx: Context) -> Verdict
         if third and rule.medical_or_poison and ctx.child.search(text, s, end):
             third = False
     if third:
-        if historical and rule.medical:
+        if historical and rule.medical_or_poison:
             return Verdict(False, rule.tier, "someone else's past event")
         reasons.append("third-person: lowered")
     if _cue_applies(ctx.hypothetical, before, ctx) and not ctx.first_person.search(match):
         reasons.append("hypothetical: lowered")
     if not reasons:
-        return Verdict(True, rule.tier, "direct")
-    return Verdict(True, max(rule.tier, 2), "; ".join(reasons))
+        return Verdict(True, tier, "direct" if tier == rule.tier else "direct; upgraded")
+    return Verdict(True, max(tier, 2), "; ".join(reasons))

@@ -1,7 +1,8 @@
 """``detect``: the crisis decision for one inbound mail, as a value.
 
 Job: normalise the subject and the body (the plain text, or the HTML when there is no
-plain text), run the lexicon rules whose trigger stems occur, drop hits inside quoted
+plain text), run the lexicon rules whose necessary literals occur (``prefilter``: one
+literal scan, then each rule only near its literals), drop hits inside quoted
 replies or our own templates, weigh each remaining hit in its sentence, and return the
 most urgent tier with every hit, where it is and why.
 
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from helpdesk.crisis.context import assess
-from helpdesk.crisis.lexicon import Lexicon, load_lexicon
+from helpdesk.crisis.lexicon import Lexicon, Unit, load_lexicon
 from helpdesk.crisis.normalise import normalise
+from helpdesk.crisis.prefilter import spaced
 from helpdesk.crisis.quotes import mask, quoted_spans, template_spans
 
 __all__ = ["CrisisHit", "CrisisResult", "detect"]
@@ -70,13 +72,24 @@ def _overlaps(a: int, z: int, spans: Sequence[tuple[int, int]]) -> bool:
 
 
 def _matches(
-    rx: re.Pattern[str], text: str, positions: list[int], ends: list[int]
+    unit: Unit, text: str, positions: list[int], ends: list[int], sp: str
 ) -> list[re.Match[str]]:
-    """Matches of ``rx`` in windows around the trigger positions.
+    """Matches of the unit's regex in windows around the trigger positions.
 
     A window is the trigger's sentence (``ends`` holds sentence-end offsets), at most
-    ``_REACH`` characters either side: lexicon phrases do not cross a sentence end.
+    ``_REACH`` characters either side: lexicon phrases do not cross a sentence end. A
+    window that lacks one of the unit's other necessary literals (``sp`` is ``text``
+    spaced, one character to the right) cannot hold a match and is skipped.
     """
+    rx, presence = unit.regex, unit.presence
+    if unit.anchored:
+        out: list[re.Match[str]] = []
+        last = -1
+        for p in sorted(set(positions)):
+            if p >= last and (m := rx.match(text, p)) is not None and m.end() > m.start():
+                out.append(m)
+                last = m.end()
+        return out
     n = len(text)
     wins: list[tuple[int, int]] = []
     for p in sorted(positions):
@@ -87,6 +100,8 @@ def _matches(
             wins[-1] = (wins[-1][0], max(hi, wins[-1][1]))
         else:
             wins.append((lo, hi))
+    if presence:
+        wins = [(lo, hi) for lo, hi in wins if all(p.search(sp, lo, hi + 2) for p in presence)]
     return [m for lo, hi in wins for m in rx.finditer(text, lo, hi) if m.end() > m.start()]
 
 
@@ -98,15 +113,17 @@ def _scan(
     quoted = quoted_spans(raw) if field == "body" else []
     norm = normalise(mask(raw, quoted) if quoted else raw, lex.fuzzy)
     text = norm.text
-    found = lex.candidates(text, norm.tokens)
+    found = lex.candidates(text)
     if not found:
         return []
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    sp = spaced(text)
     masked: list[tuple[int, int]] | None = None
     out: list[tuple[CrisisHit, bool]] = []
-    for ri in sorted(found):
-        rule = lex.rules[ri]
-        for m in _matches(rule.regex, text, found[ri], ends):
+    for ui in sorted(found):
+        unit = lex.units[ui]
+        rule = lex.rules[unit.rule]
+        for m in _matches(unit, text, found[ui], ends, sp):
             a, z = norm.span(m.start(), m.end())
             if masked is None:
                 masked = template_spans(raw, own_templates)

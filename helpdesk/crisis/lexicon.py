@@ -2,16 +2,19 @@
 
 Job: read ``helpdesk/data/crisis_lexicon_v1.toml`` (shipped with the package), expand
 its ``%macro%`` references, compile every rule and the context cues, and index the rules
-by trigger stem so that a mail only runs the few rules whose stems it contains.
+by the literals their patterns force (``prefilter``), so that a mail only runs the few
+rules whose literals it contains, and only near them.
 
 Invariants:
 - Loaded lazily and once (``load_lexicon`` is cached); a broken file raises
   ``LexiconError`` at first use, which ``detect`` turns into an escalation.
 - A literal space in a pattern matches any run of whitespace, ``-``, ``_`` or ``*`` (and
   `` ?`` an optional run), so phrases survive line wrapping and punctuation games.
-- Every rule has at least one trigger stem (three characters or more); a pattern can only
-  match text that contains one of its stems (the lexicon self-tests check this through
-  the rule's positive examples).
+- Every rule has at least one trigger stem (two characters or more). The gate is the set
+  of literals derived from the pattern itself (sound by construction); the declared
+  stems are the gate only for a pattern that forces no usable literal, and then a
+  pattern can only match text that contains one of them (the lexicon self-tests check
+  this through the rule's positive examples).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ from operator import itemgetter
 from typing import Any
 
 from helpdesk.crisis.normalise import FuzzyIndex
+from helpdesk.crisis.prefilter import (
+    LiteralIndex,
+    first_literals,
+    gate_groups,
+    presence_regex,
+)
 
 __all__ = ["CATEGORIES", "Context", "Lexicon", "LexiconError", "Rule", "load_lexicon"]
 
@@ -66,8 +75,9 @@ class Rule:
     triggers: tuple[str, ...]
     generic: bool
     keep_third_person: bool
-    also: re.Pattern[str] | None
+    also: tuple[re.Pattern[str], ...]
     unless: re.Pattern[str] | None
+    upgrade: re.Pattern[str] | None
     positive: tuple[str, ...]
     negative: tuple[str, ...]
 
@@ -100,38 +110,30 @@ class Context:
 
 
 @dataclass(frozen=True, slots=True)
+class Unit:
+    """One top-level alternative of a rule's pattern (or the whole pattern)."""
+
+    rule: int
+    regex: re.Pattern[str]
+    # Literal sets that every match also contains, as regexes over ``spaced`` text: a
+    # window without one of them is skipped before the (costlier) unit regex runs.
+    presence: tuple[re.Pattern[str], ...] = ()
+    # Every match starts at a gate literal: tried there alone, no window scan.
+    anchored: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Lexicon:
     version: str
     rules: tuple[Rule, ...]
     context: Context
     fuzzy: FuzzyIndex
-    by_head: Mapping[bytes, tuple[tuple[str, bytes, tuple[int, ...]], ...]]
+    literals: LiteralIndex
+    units: tuple[Unit, ...]
 
-    def candidates(self, text: str, tokens: frozenset[bytes]) -> dict[int, list[int]]:
-        """Rule index -> positions where one of its stems starts a word in ``text``.
-
-        ``tokens`` are the words of ``text`` (see ``normalise.token_bytes``).
-        """
-        by_head = self.by_head
-        present = by_head.keys() & set(map(_HEAD, tokens))
-        if not present:
-            return {}
-        starting: dict[bytes, list[bytes]] = {}
-        for t in tokens:
-            if t[:3] in present:
-                starting.setdefault(t[:3], []).append(t)
-        found: dict[int, list[int]] = {}
-        for h, toks in starting.items():
-            for stem, bstem, idx in by_head[h]:
-                if len(bstem) > 3 and not any(t.startswith(bstem) for t in toks):
-                    continue
-                pos = text.find(stem)
-                while pos >= 0:
-                    if pos == 0 or not text[pos - 1].isalnum():
-                        for i in idx:
-                            found.setdefault(i, []).append(pos)
-                    pos = text.find(stem, pos + 1)
-        return found
+    def candidates(self, text: str) -> dict[int, list[int]]:
+        """Unit index -> offsets in ``text`` of the literals that gate the unit."""
+        return self.literals.candidates(text)
 
 
 def _expand(pattern: str, macros: Mapping[str, str], depth: int = 0) -> str:
@@ -159,6 +161,15 @@ def _alternation(items: Any, macros: Mapping[str, str], where: str) -> re.Patter
     if not isinstance(items, list) or not items:
         raise LexiconError(f"{where}: expected a non-empty list")
     return _compile("|".join(f"(?:{i})" for i in items), macros, where)
+
+
+def _also(items: Any, macros: Mapping[str, str], where: str) -> tuple[re.Pattern[str], ...]:
+    """``also`` is one pattern or a list of them, every one required in the sentence."""
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list | tuple):
+        raise LexiconError(f"{where}: also must be a pattern or a list of patterns")
+    return tuple(_compile(str(i), macros, where) for i in items)
 
 
 def parse_lexicon(data: Mapping[str, Any]) -> Lexicon:
@@ -189,29 +200,40 @@ def parse_lexicon(data: Mapping[str, Any]) -> Lexicon:
                 triggers=triggers,
                 generic=bool(r.get("generic", False)),
                 keep_third_person=bool(r.get("keep_third_person", False)),
-                also=_compile(r["also"], macros, rid) if "also" in r else None,
+                also=_also(r.get("also", ()), macros, rid),
                 unless=_compile(r["unless"], macros, rid) if "unless" in r else None,
+                upgrade=_compile(r["upgrade"], macros, rid) if "upgrade" in r else None,
                 positive=tuple(r.get("positive", ())),
                 negative=tuple(r.get("negative", ())),
             )
         )
     if not rules:
         raise LexiconError("no rules")
-    heads: dict[bytes, dict[str, list[int]]] = {}
-    for i, rule in enumerate(rules):
-        for stem in rule.triggers:
-            heads.setdefault(stem[:3].encode(), {}).setdefault(stem, []).append(i)
-    by_head = {
-        h: tuple((s, s.encode(), tuple(ix)) for s, ix in stems.items())
-        for h, stems in heads.items()
-    }
+    # A unit is a rule's regex with its gates: the literal sets its matches all contain
+    # (``prefilter``). The rarest set says where to try it; the others must occur in
+    # the mail (and in the window) or the regex is not run at all.
+    units: list[Unit] = []
+    gates: list[tuple[int, list[frozenset[tuple[str, bool]]]]] = []
+    for i, r in enumerate(rules):
+        groups = gate_groups(r.regex) or [frozenset((t, True) for t in r.triggers)]
+        first = first_literals(r.regex)
+        if first is not None:
+            # every match starts at one of these words: try it there alone
+            lead = frozenset((w, True) for w in first)
+            units.append(Unit(i, r.regex, anchored=True))
+            gates.append((i, [lead, *[g for g in groups if g != lead]]))
+        else:
+            presence = tuple(presence_regex(g) for g in groups[1:])
+            units.append(Unit(i, r.regex, presence))
+            gates.append((i, groups))
     fz = data.get("fuzzy", {})
     return Lexicon(
         version=str(data.get("version", "unknown")),
         rules=tuple(rules),
         context=context,
         fuzzy=FuzzyIndex(fz.get("targets", ()), fz.get("allow", ())),
-        by_head=by_head,
+        literals=LiteralIndex(gates),
+        units=tuple(units),
     )
 
 

@@ -1,0 +1,381 @@
+"""Which rules can possibly match a text: one literal scan instead of a regex per rule.
+
+Job: from each compiled rule pattern, derive the literal sets that every match must
+contain (from the regex parser's tree), pick the rarest as the place to try the rule
+and keep the others as presence gates; then find all literals of all rules in a
+normalised text in one pass (Aho-Corasick when ``pyahocorasick`` is installed, a
+``str.find`` loop otherwise), so that a rule's regex only runs near its literals, and
+not at all when one of its other necessary literals is missing.
+
+Invariants:
+- Sound: a literal set is derived only through constructs that force it (literal runs,
+  groups, alternations whose every branch forces one, repeats with a minimum of one);
+  anything else (classes, optional parts, look-arounds) yields nothing. A literal is a
+  word start only when a ``\b`` or a separator class stands right before it. So a rule
+  with a literal set none of which occurs in a text cannot match that text.
+- A pattern that forces no usable literal (three characters, or two at a word start)
+  is gated by the rule's declared trigger stems instead.
+- Literals and text go through the same ``spaced`` map (every non-alphanumeric ASCII
+  character to a space, one leading space), so offsets shift by exactly one.
+- Pure: no I/O; the matcher is built once per lexicon.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+# The regex parser is the only sound source of what a pattern forces; its modules are
+# private in 3.11+ (and the public aliases warn), hence the dynamic import.
+sre: Any = importlib.import_module("re._constants")
+sre_parse: Any = importlib.import_module("re._parser")
+
+__all__ = [
+    "LiteralIndex",
+    "first_literals",
+    "gate_groups",
+    "literal_key",
+    "necessary_literals",
+    "presence_regex",
+    "spaced",
+]
+
+# Words too common in patient mail to gate anything: a set containing one of them costs
+# more than a longer set of rare words.
+_COMMON = frozenset(
+    """
+    the and you for not all are was but can get got had has have her him his how its
+    may now off one our out see she too two way who why yes any day take took make made
+    will with this that from they them then than been just like more some what when
+    your here there very much over back down also each even into need only same still
+    such want well were would could should about after again because before being other
+    their these those which while going gonna know think feel time really since doctor
+    appointment please thanks thank help refill pharmacy insurance portal visit
+    better blood email before instead pain should need still last next first week
+    today call could would does did done give gave used use using keep kept said
+    left right work home phone send sent sure tell told ask asked same new old
+    para que con los las por una del mas pero sus mis esta este todo como muy sin hay
+    tengo estoy quiero puedo necesito cita favor gracias hola mi me se le lo la el en de
+    """.split()  # noqa: SIM905 - a word list reads and diffs better as text
+)
+_UNKNOWN = None
+
+
+# A literal is (text, word_start): word_start when the pattern puts a word boundary or a
+# separator right before it, so that it can be looked for as the start of a word.
+Literal = tuple[str, bool]
+
+
+def _cost(lit: Literal) -> float:
+    """A rough guess of how often ``lit`` occurs in patient mail (lower is rarer)."""
+    core = lit[0].strip(" '")
+    if len(core) < 3:
+        base = 50.0
+    elif core in _COMMON:
+        base = 20.0
+    else:
+        base = {3: 3.0, 4: 1.0}.get(len(core), 0.3)
+    return base if lit[1] else base * 4
+
+
+def _usable(lit: Literal) -> bool:
+    """Long enough to gate: three characters, or two at the start of a word."""
+    n = len(lit[0].strip(" '"))
+    return n >= 3 or (n == 2 and lit[1])
+
+
+def _set_cost(lits: frozenset[Literal]) -> float:
+    return sum(_cost(x) for x in lits)
+
+
+def _separator(op: Any, av: Any) -> bool:
+    """A class or a repeat of one that only matches non-word characters (spaces...)."""
+    if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+        return av[0] >= 1 and len(av[2]) == 1 and _separator(*av[2][0])
+    if op is sre.IN and av and av[0][0] is sre.NEGATE:
+        # [^\w...]: whatever it matches is not a word character
+        return any(o is sre.CATEGORY and a == sre.CATEGORY_WORD for o, a in av[1:])
+    if op is sre.IN:
+        return all(
+            (o is sre.CATEGORY and a == sre.CATEGORY_SPACE)
+            or (o is sre.LITERAL and not chr(a).isalnum())
+            for o, a in av
+        )
+    return False
+
+
+def _necessary(items: Iterable[tuple[Any, Any]], boundary: bool) -> frozenset[Literal] | None:
+    """Literals one of which every match of ``items`` contains, or None.
+
+    ``boundary``: the text just before ``items`` is a word boundary.
+    """
+    options: list[frozenset[Literal]] = []
+    run: list[str] = []
+    run_boundary = boundary
+
+    def flush() -> None:
+        if run:
+            options.append(frozenset({("".join(run), run_boundary)}))
+            run.clear()
+
+    for op, av in items:
+        if op is sre.LITERAL:
+            if not run:
+                run_boundary = boundary
+            run.append(chr(av))
+            boundary = False
+            continue
+        if op is sre.AT:  # zero-width: the literal run goes on
+            if av is sre.AT_BOUNDARY and not run:
+                boundary = True
+            continue
+        flush()
+        found: frozenset[Literal] | None = None
+        if op is sre.SUBPATTERN:
+            found = _necessary(av[-1], boundary)
+        elif op is sre.ATOMIC_GROUP:
+            found = _necessary(av, boundary)
+        elif op is sre.BRANCH:
+            subs = [_necessary(b, boundary) for b in av[1]]
+            if all(s for s in subs):
+                found = frozenset().union(*(s for s in subs if s))
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT) and av[0] >= 1:
+            found = _necessary(av[2], boundary)
+        if found:
+            options.append(found)
+        boundary = _separator(op, av)
+    flush()
+    usable = [o for o in options if all(_usable(x) for x in o)]
+    if not usable:
+        return _UNKNOWN
+    return min(usable, key=_set_cost)
+
+
+_MAX_LEADS = 300
+_ZERO_WIDTH = ("AT", "ASSERT", "ASSERT_NOT")
+
+
+def _lead(items: Sequence[tuple[Any, Any]]) -> set[str] | None:
+    """Strings one of which every match of ``items`` starts with (None when unknown)."""
+    i = 0
+    while i < len(items) and str(items[i][0]) in _ZERO_WIDTH:
+        i += 1
+    if i >= len(items):
+        return {""}
+    op, av = items[i]
+    if op is sre.LITERAL:
+        run = []
+        while i < len(items) and items[i][0] is sre.LITERAL:
+            run.append(chr(items[i][1]))
+            i += 1
+        head = "".join(run)
+        tails = _lead(items[i:]) if i < len(items) else {""}
+        if tails is None or len(tails) > _MAX_LEADS:
+            return {head}
+        return {head + t for t in tails}
+    if op is sre.SUBPATTERN:
+        return _lead(list(av[-1]))
+    if op is sre.BRANCH:
+        out: set[str] = set()
+        for alt in av[1]:
+            got = _lead(list(alt))
+            if got is None:
+                return None
+            out |= got
+        return out
+    return None
+
+
+def _first(items: Sequence[tuple[Any, Any]]) -> frozenset[str] | None:
+    """Word-start literals one of which begins every match of ``items``."""
+    i = 0
+    boundary = False
+    while i < len(items) and str(items[i][0]) in _ZERO_WIDTH:
+        boundary = boundary or (items[i][0] is sre.AT and items[i][1] is sre.AT_BOUNDARY)
+        i += 1
+    if not boundary:
+        return None
+    leads = _lead(items[i:])
+    if not leads or any(len(x) < 2 or not x[0].isalnum() for x in leads):
+        return None
+    return frozenset(leads)
+
+
+def first_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
+    """Literals that begin every match of ``rx``, each right after a word boundary.
+
+    A rule with such literals can be tried at each of their offsets alone
+    (``rx.match(text, offset)``) instead of scanning a window around them.
+    """
+    try:
+        tree = sre_parse.parse(rx.pattern, rx.flags)
+    except Exception:
+        return None
+    return _first(list(tree))
+
+
+def _options(items: Sequence[tuple[Any, Any]]) -> list[frozenset[Literal]]:
+    """Every literal set a match of the top-level sequence ``items`` must contain."""
+    if len(items) == 1 and items[0][0] is sre.SUBPATTERN:
+        return _options(list(items[0][1][-1]))
+    out: list[frozenset[Literal]] = []
+    boundary = True
+    for op, av in items:
+        if op is sre.AT:
+            boundary = boundary or av is sre.AT_BOUNDARY
+            continue
+        got = _necessary([(op, av)], boundary)
+        if got is not None:
+            out.append(got)
+        boundary = _separator(op, av)
+    return out
+
+
+def gate_groups(rx: re.Pattern[str]) -> list[frozenset[Literal]]:
+    """Every literal set that all matches of ``rx`` contain, rarest first."""
+    try:
+        tree = list(sre_parse.parse(rx.pattern, rx.flags))
+    except Exception:
+        return []
+    opts = _options(tree)
+    whole = _necessary(tree, True)
+    if whole is not None:
+        opts.append(whole)
+    return sorted(set(opts), key=_set_cost)
+
+
+def necessary_literals(rx: re.Pattern[str]) -> frozenset[Literal] | None:
+    """Literals one of which every match of ``rx`` contains (None when none is forced)."""
+    try:
+        tree = sre_parse.parse(rx.pattern, rx.flags)
+    except Exception:  # an exotic construct: no gate, the caller falls back
+        return None
+    return _necessary(tree, True)
+
+
+# Letters and digits stay, every other ASCII character becomes a space: the scanned text
+# and the literals go through the same map, so a literal that follows a word boundary or
+# a separator (both always a non-alphanumeric character) can be looked for as " word".
+_SPACING = bytes(c if chr(c).isalnum() else 32 for c in range(128)) + bytes(range(128, 256))
+_NON_WORD = re.compile(r"[\W_]")
+
+
+def literal_key(lit: Literal) -> str:
+    """How ``lit`` is looked for in ``spaced`` text: after a space when it starts a word."""
+    key = spaced(lit[0])[1:]
+    return " " + key if lit[1] else key
+
+
+def presence_regex(group: frozenset[Literal]) -> re.Pattern[str]:
+    """A regex finding any literal of ``group`` in ``spaced`` text."""
+    keys = sorted({literal_key(lit) for lit in group}, key=lambda k: (-len(k), k))
+    return re.compile("|".join(map(re.escape, keys)))
+
+
+def spaced(text: str) -> str:
+    """``text`` with a leading space and every non-word character as a space."""
+    if text.isascii():
+        return " " + text.encode("ascii").translate(_SPACING).decode("ascii")
+    return " " + _NON_WORD.sub(" ", text)
+
+
+class _Scanner(Protocol):
+    def iter(self, text: str) -> Iterable[tuple[int, int]]: ...
+
+
+class _FindScanner:
+    """Fallback when pyahocorasick is missing: one ``str.find`` loop per key."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = tuple(enumerate(keys))
+
+    def iter(self, text: str) -> Iterable[tuple[int, int]]:
+        for k, key in self._keys:
+            p = text.find(key)
+            while p >= 0:
+                yield p + len(key) - 1, k
+                p = text.find(key, p + 1)
+
+
+def _scanner(keys: Sequence[str]) -> _Scanner:
+    try:
+        import ahocorasick  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return _FindScanner(keys)
+    auto = ahocorasick.Automaton()
+    for k, key in enumerate(keys):
+        auto.add_word(key, k)
+    auto.make_automaton()
+    return auto  # type: ignore[no-any-return]
+
+
+class LiteralIndex:
+    """All rules' literals, looked for in one pass over a text.
+
+    Each rule has one *positional* gate (where its regex is tried) and any number of
+    *presence* gates (more literal sets its matches all need: the rule is skipped unless
+    each of them occurs somewhere in the text).
+    """
+
+    __slots__ = ("_keys", "_payload", "_presence", "_scan")
+
+    def __init__(self, units: Sequence[tuple[int, Sequence[frozenset[Literal]]]]) -> None:
+        # A unit is (unit index, [positional gate, presence gate, ...]).
+        index: dict[str, int] = {}
+        payload: list[list[tuple[int, int, int]]] = []
+        needs: list[int] = []
+
+        def key_of(lit: Literal) -> tuple[int, int]:
+            key = literal_key(lit)
+            if key not in index:
+                index[key] = len(index)
+                payload.append([])
+            # key end - shift is the literal's offset in the unspaced text
+            return index[key], len(key) - 1 if lit[1] else len(key)
+
+        for u, (_, groups) in enumerate(units):
+            needs.append(len(groups) - 1)
+            for g, group in enumerate(groups):
+                for lit in group:
+                    k, shift = key_of(lit)
+                    payload[k].append((u, g, shift))
+        self._keys = tuple(index)
+        self._payload = tuple(tuple(p) for p in payload)
+        self._presence = tuple(needs)
+        self._scan = _scanner(self._keys)
+
+    def candidates(self, text: str) -> dict[int, list[int]]:
+        """Rule index -> offsets in ``text`` of its positional literals.
+
+        Only rules whose presence gates are all met are returned.
+        """
+        ends: dict[int, list[int]] = {}
+        for end, k in self._scan.iter(spaced(text)):
+            if k in ends:
+                ends[k].append(end)
+            else:
+                ends[k] = [end]
+        if not ends:
+            return {}
+        where: dict[int, list[tuple[int, int]]] = {}
+        seen: dict[int, int] = {}
+        payload = self._payload
+        for k in ends:
+            for u, g, shift in payload[k]:
+                if g:
+                    seen[u] = seen.get(u, 0) | (1 << g)
+                elif u in where:
+                    where[u].append((k, shift))
+                else:
+                    where[u] = [(k, shift)]
+        needs = self._presence
+        out: dict[int, list[int]] = {}
+        for u, ks in where.items():
+            if needs[u] and seen.get(u, 0) != (1 << (needs[u] + 1)) - 2:
+                continue
+            ps = out.setdefault(u, [])
+            for k, shift in ks:
+                ps.extend([e - shift for e in ends[k]])
+        return out

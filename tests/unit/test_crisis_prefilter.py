@@ -1,0 +1,113 @@
+"""The literal prefilter: what it derives from patterns, and that it never hides a match."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from helpdesk.crisis import prefilter
+from helpdesk.crisis.lexicon import load_lexicon
+from helpdesk.crisis.normalise import normalise
+from helpdesk.crisis.prefilter import (
+    LiteralIndex,
+    first_literals,
+    gate_groups,
+    necessary_literals,
+    spaced,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "crisis"
+
+
+def _rx(src: str) -> re.Pattern[str]:
+    return re.compile(src)
+
+
+@pytest.mark.parametrize(
+    ("src", "expected"),
+    [
+        (r"\bsuicid(?:e|al)\b", {("suicid", True)}),
+        (r"\b(?:cut|burn)[\s\-_*]+my[\s\-_*]+wrists?\b", {("wrist", True)}),
+        (r"\b(?:chest|heart)\b", {("chest", True), ("heart", True)}),
+        (r"x?abc", {("abc", False)}),
+    ],
+)
+def test_necessary_literals(src: str, expected: set[tuple[str, bool]]) -> None:
+    assert necessary_literals(_rx(src)) == frozenset(expected)
+
+
+def test_nothing_is_forced_by_optional_or_classed_parts() -> None:
+    assert necessary_literals(_rx(r"(?:abc)?\w+")) is None
+    assert necessary_literals(_rx(r"[a-z]{4}")) is None
+
+
+def test_first_literals_only_for_patterns_starting_with_a_word() -> None:
+    assert first_literals(_rx(r"\b(?:took|swallowed)[\s]+pills")) == {"took", "swallowed"}
+    assert first_literals(_rx(r"\bi\b.*die")) is None  # one letter: not used
+    assert first_literals(_rx(r"(?:took|swallowed) pills")) is None  # no \b in front
+
+
+def test_gate_groups_lists_every_forced_set() -> None:
+    groups = gate_groups(_rx(r"\b(?:took|swallowed)[\s]+(?:\w+[\s]+)?(?:pills|tablets)\b"))
+    words = [{lit for lit, _ in g} for g in groups]
+    assert {"pills", "tablets"} in words
+    assert {"took", "swallowed"} in words
+    # after an optional part the analysis no longer claims a word start (conservative)
+    assert frozenset({("pills", False), ("tablets", False)}) in groups
+
+
+def test_spaced_keeps_offsets() -> None:
+    text = "i can't_breathe—now"
+    sp = spaced(text)
+    assert len(sp) == len(text) + 1
+    assert sp[1:].split() == ["i", "can", "t", "breathe", "now"]
+
+
+def test_index_finds_word_starts_and_needs_every_presence_gate() -> None:
+    idx = LiteralIndex(
+        [
+            (0, [frozenset({("pill", True)}), frozenset({("took", True)})]),
+            (1, [frozenset({("ood", False)})]),
+        ]
+    )
+    assert idx.candidates("i took all my pills") == {0: [14]}
+    assert 0 not in idx.candidates("my pills are here")  # presence gate missing
+    assert 0 not in idx.candidates("i took the spill kit")  # not a word start
+    assert idx.candidates("blood") == {1: [2]}
+
+
+def test_fallback_scanner_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    gates = [(0, [frozenset({("die", True), ("dead", True)})]), (1, [frozenset({("ing", False)})])]
+    text = "i want to die, dead tired of dying and waiting"
+    fast = LiteralIndex(gates).candidates(text)
+    monkeypatch.setattr(prefilter, "_scanner", prefilter._FindScanner)
+    slow = LiteralIndex(gates).candidates(text)
+    assert {k: sorted(v) for k, v in fast.items()} == {k: sorted(v) for k, v in slow.items()}
+
+
+def _labelled_texts() -> list[str]:
+    out: list[str] = []
+    for name in ("devset.jsonl", "fresh.jsonl", "blind.jsonl"):
+        path = DATA / name
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    out += [row["subject"], row["body"]]
+    return out
+
+
+def test_gate_never_hides_a_rule_that_matches() -> None:
+    """Every rule whose pattern matches a labelled mail is among the candidates."""
+    lex = load_lexicon()
+    for raw in _labelled_texts():
+        text = normalise(raw, lex.fuzzy).text
+        units = lex.candidates(text)
+        active = {lex.units[u].rule for u in units}
+        for i, rule in enumerate(lex.rules):
+            m = rule.regex.search(text)
+            if m is not None and m.end() > m.start():
+                assert i in active, (rule.id, m.group())
