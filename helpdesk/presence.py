@@ -108,6 +108,8 @@ class Presence:
             return True
         if self.is_sqlite:
             return False  # we hold the only presence a SQLite database allows
+        if self._conn is None:
+            return True  # cannot tell while disconnected: never reclaim on a guess
         key = _worker_key(worker_id)
         got = await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
         if got:
@@ -121,6 +123,8 @@ class Presence:
         if self.is_sqlite:
             self.leases.add(mailbox)
             return True
+        if self._conn is None:
+            return False  # disconnected: watch nothing until check() reconnects
         if await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", _mailbox_key(mailbox)):
             self.leases.add(mailbox)
             log.info("mailbox lease taken", extra={"mailbox": mailbox, "worker": self.worker_id})
@@ -129,20 +133,22 @@ class Presence:
 
     async def check(self) -> None:
         """Make sure the presence connection is alive; after a database restart, reconnect
-        and give up the mailbox leases (they died with the old session)."""
+        and give up the mailbox leases (they died with the old session). Raises while the
+        database cannot be reached; the next call tries again."""
         if self.is_sqlite:
             return
-        try:
-            await self._conn.fetchval("SELECT 1", timeout=10)
-            return
-        except Exception:
-            lost = sorted(self.leases)
-            self.leases.clear()
-            self._conn.terminate()
-            self._conn = None
-            log.warning(
-                "presence connection lost; leases dropped", extra={"leases": ",".join(lost)}
-            )
+        if self._conn is not None:
+            try:
+                await self._conn.fetchval("SELECT 1", timeout=10)
+                return
+            except Exception:
+                lost = sorted(self.leases)
+                self.leases.clear()
+                self._conn.terminate()
+                self._conn = None
+                log.warning(
+                    "presence connection lost; leases dropped", extra={"leases": ",".join(lost)}
+                )
         await self.__aenter__()
 
     async def reclaim(self, sessions: SessionFactory) -> int:
