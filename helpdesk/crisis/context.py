@@ -67,10 +67,22 @@ def _negated(before: str, ctx: Context) -> bool:
     return _cue_applies(ctx.negation, window, ctx)
 
 
-def assess(rule: Rule, text: str, start: int, end: int, ctx: Context) -> Verdict:
-    """The verdict on one hit of ``rule`` at ``text[start:end]``."""
+def assess(
+    rule: Rule, text: str, start: int, end: int, ctx: Context, *, any_drop_reason: bool = False
+) -> Verdict:
+    """The verdict on one hit of ``rule`` at ``text[start:end]``.
+
+    ``any_drop_reason``: a dropped hit may give any of the drop reasons that apply, not
+    the first in the documented order (the cheapest checks go first; for callers that
+    only keep kept hits, such as ``detect``).
+    """
     s, e = _sentence(text, start, end)
     sentence = text[s:e]
+    if any_drop_reason:
+        if rule.also and any(not rx.search(sentence) for rx in rule.also):
+            return Verdict(False, rule.tier, "missing required context")
+        if rule.unless is not None and rule.unless.search(sentence):
+            return Verdict(False, rule.tier, "excluded phrase")
     before = text[s:start]
     match = text[start:end]
     for m in ctx.idioms.finditer(text, max(s, start - 60), min(e, end + 60)):

@@ -129,7 +129,7 @@ def _scan(
                 masked = template_spans(raw, own_templates)
             if _overlaps(a, z, masked):
                 continue
-            v = assess(rule, text, m.start(), m.end(), lex.context)
+            v = assess(rule, text, m.start(), m.end(), lex.context, any_drop_reason=True)
             if v.keep:
                 hit = CrisisHit(rule.id, rule.category, v.tier, field, a, z, v.reason)
                 out.append((hit, rule.generic))

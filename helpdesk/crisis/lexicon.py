@@ -35,6 +35,7 @@ from helpdesk.crisis.prefilter import (
     first_literals,
     gate_groups,
     presence_regex,
+    quick_start,
 )
 
 __all__ = ["CATEGORIES", "Context", "Lexicon", "LexiconError", "Rule", "load_lexicon"]
@@ -224,7 +225,8 @@ def parse_lexicon(data: Mapping[str, Any]) -> Lexicon:
             gates.append((i, [lead, *[g for g in groups if g != lead]]))
         else:
             presence = tuple(presence_regex(g) for g in groups[1:])
-            units.append(Unit(i, r.regex, presence))
+            # The same matches, found faster (a look-ahead on the possible first letters).
+            units.append(Unit(i, quick_start(r.regex), presence))
             gates.append((i, groups))
     fz = data.get("fuzzy", {})
     return Lexicon(

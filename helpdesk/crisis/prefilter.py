@@ -39,6 +39,7 @@ __all__ = [
     "literal_key",
     "necessary_literals",
     "presence_regex",
+    "quick_start",
     "spaced",
 ]
 
@@ -214,6 +215,76 @@ def first_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
     except Exception:
         return None
     return _first(list(tree))
+
+
+def _starts(items: Sequence[tuple[Any, Any]]) -> set[str] | None:
+    """Strings one of which every match of ``items`` starts with (None when unknown).
+
+    Like ``_lead``, but also through alternatives and groups followed by more pattern and
+    through repeats: ``(?:a|b)?c`` starts with ``a``, ``b`` or ``c``.
+    """
+    i = 0
+    while i < len(items) and str(items[i][0]) in _ZERO_WIDTH:
+        i += 1
+    if i >= len(items):
+        return {""}
+    op, av = items[i]
+    rest = list(items[i + 1 :])
+    if op is sre.LITERAL:
+        run = []
+        while i < len(items) and items[i][0] is sre.LITERAL:
+            run.append(chr(items[i][1]))
+            i += 1
+        head = "".join(run)
+        tails = _starts(items[i:]) if i < len(items) else {""}
+        if tails is None or len(tails) > _MAX_LEADS:
+            return {head}
+        return {head + t for t in tails}
+    if op is sre.SUBPATTERN:
+        if av[1] or av[2]:  # inline flags: unknown
+            return None
+        return _starts([*av[-1], *rest])
+    if op is sre.BRANCH:
+        out: set[str] = set()
+        for alt in av[1]:
+            got = _starts([*alt, *rest])
+            if got is None or len(out) > _MAX_LEADS:
+                return None
+            out |= got
+        return out
+    if op is sre.MAX_REPEAT or op is sre.MIN_REPEAT:
+        body = _starts(list(av[2]))
+        if body is None:
+            return None
+        if av[0] >= 1:
+            return body
+        after = _starts(rest)
+        return None if after is None else body | after
+    return None
+
+
+def quick_start(rx: re.Pattern[str]) -> re.Pattern[str]:
+    """``rx`` with a look-ahead on the first characters its matches can start with.
+
+    The same matches at the same offsets (every match starts with one of the literals
+    ``_starts`` finds, so the look-ahead only rules out offsets where no match starts),
+    found faster: most offsets fail on one character class instead of every alternative.
+    ``rx`` itself when its matches may be empty or start with an unknown character.
+    """
+    if rx.flags & re.IGNORECASE:
+        return rx
+    try:
+        tree = sre_parse.parse(rx.pattern, rx.flags)
+        if not len(tree) or str(tree[0][0]) not in _ZERO_WIDTH:
+            return rx  # the regex engine already skips ahead on a leading literal or class
+        leads = _starts(list(tree))
+        if not leads or "" in leads or tree.getwidth()[0] == 0:
+            return rx
+        chars = "".join(sorted({lead[0] for lead in leads}))
+        fast = re.compile("(?=[" + re.escape(chars) + "])(?:" + rx.pattern + ")", rx.flags)
+    except Exception:  # an exotic construct (e.g. global inline flags): keep it as is
+        return rx
+    return fast if fast.groups == rx.groups else rx
 
 
 def _options(items: Sequence[tuple[Any, Any]]) -> list[frozenset[Literal]]:
