@@ -27,14 +27,15 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosmtplib
+import sqlalchemy as sa
 from sqlalchemy import func, update
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -50,6 +51,8 @@ from helpdesk.errors import (
 from helpdesk.models import Outbox
 
 log = logging.getLogger(__name__)
+
+OUTBOX_TABLE: sa.Table = Outbox.__table__  # type: ignore[attr-defined]
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
 _MAX_ERROR = 1000
@@ -229,6 +232,41 @@ async def check_smtp(settings: Settings) -> str:
 # --- the outbox table -----------------------------------------------------------------
 
 
+def new_row(
+    *,
+    msg: EmailMessage | Composed,
+    kind: str,
+    recipient: str,
+    mail_from: str,
+    ticket_id: int | None,
+    lane: int,
+    now: datetime,
+    deadline: timedelta,
+) -> dict[str, Any]:
+    """The column values of one pending outbox mail (for :func:`enqueue`, or for
+    :func:`insert_rows` when a batch adds many)."""
+    if isinstance(msg, Composed):
+        message_id, raw = msg.message_id, msg.raw
+    else:
+        message_id, raw = msg["Message-ID"], to_bytes(msg)
+    if not message_id:
+        raise InvalidInputError("an outbox mail needs a Message-ID")
+    return {
+        "ticket_id": ticket_id,
+        "kind": kind,
+        "lane": lane,
+        "recipient": safe_header_value(recipient),
+        "mail_from": safe_header_value(mail_from),
+        "message_id": safe_header_value(str(message_id)),
+        "raw": raw,
+        "status": PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "deadline_at": now + deadline,
+        "created_at": now,
+    }
+
+
 async def enqueue(
     session: AsyncSession,
     *,
@@ -243,28 +281,27 @@ async def enqueue(
 ) -> Outbox:
     """Add one mail to the outbox (``session.add`` only: the caller commits, together with
     the ticket it belongs to)."""
-    if isinstance(msg, Composed):
-        message_id, raw = msg.message_id, msg.raw
-    else:
-        message_id, raw = msg["Message-ID"], to_bytes(msg)
-    if not message_id:
-        raise InvalidInputError("an outbox mail needs a Message-ID")
     row = Outbox(
-        ticket_id=ticket_id,
-        kind=kind,
-        lane=lane,
-        recipient=safe_header_value(recipient),
-        mail_from=safe_header_value(mail_from),
-        message_id=safe_header_value(str(message_id)),
-        raw=raw,
-        status=PENDING,
-        attempts=0,
-        next_attempt_at=now,
-        deadline_at=now + deadline,
-        created_at=now,
+        **new_row(
+            msg=msg,
+            kind=kind,
+            recipient=recipient,
+            mail_from=mail_from,
+            ticket_id=ticket_id,
+            lane=lane,
+            now=now,
+            deadline=deadline,
+        )
     )
     session.add(row)
     return row
+
+
+async def insert_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Add many :func:`new_row` rows with one Core ``INSERT``, in the caller's transaction."""
+    if rows:
+        conn = await session.connection()
+        await conn.execute(sa.insert(OUTBOX_TABLE), list(rows))
 
 
 @dataclass
@@ -296,10 +333,16 @@ class DeliveryReport:
     sent: int
     retried: int
     failed: int
+    # True when the pass gave up early because the server seems down (not compared: two
+    # reports are equal when they count the same mails)
+    stopped_early: bool = field(default=False, compare=False)
 
     def __add__(self, other: DeliveryReport) -> DeliveryReport:
         return DeliveryReport(
-            self.sent + other.sent, self.retried + other.retried, self.failed + other.failed
+            self.sent + other.sent,
+            self.retried + other.retried,
+            self.failed + other.failed,
+            self.stopped_early or other.stopped_early,
         )
 
 
@@ -370,17 +413,44 @@ async def _claim(
     return rows
 
 
-async def _record(
-    sessions: async_sessionmaker[AsyncSession], row_id: int, **values: object
-) -> None:
-    async with sessions() as session:
-        await session.exec(
-            update(Outbox)
-            .where(col(Outbox.id) == row_id)
-            .values(locked_by=None, locked_until=None, **values)
-            .execution_options(synchronize_session=False)
-        )
-        await session.commit()
+class _Recorder:
+    """Records each send result on one connection held for the whole pass.
+
+    Every ``record`` is one autocommitted Core UPDATE: no session, no ORM, no checkout or
+    reset per row, so the result is durable before the next mail is sent (the at-most-one-
+    duplicate-per-kill rule) at the cost of a single round trip to the database.
+    """
+
+    def __init__(self, session: AsyncSession, write_lock: asyncio.Lock | None) -> None:
+        self._session = session
+        self._write_lock = write_lock
+        self._conn: AsyncConnection | None = None
+        self._statements: dict[tuple[str, ...], sa.Update] = {}
+
+    async def record(self, row_id: int, **values: object) -> None:
+        if self._conn is None:
+            self._conn = await self._session.connection(
+                execution_options={"isolation_level": "AUTOCOMMIT"}
+            )
+        keys = tuple(sorted(values))
+        statement = self._statements.get(keys)
+        if statement is None:
+            statement = (
+                sa.update(OUTBOX_TABLE)
+                .where(OUTBOX_TABLE.c.id == sa.bindparam("row_id"))
+                .values(
+                    locked_by=None,
+                    locked_until=None,
+                    **{key: sa.bindparam(f"v_{key}") for key in keys},
+                )
+            )
+            self._statements[keys] = statement
+        params = {f"v_{key}": value for key, value in values.items()}
+        if self._write_lock is None:
+            await self._conn.execute(statement, {"row_id": row_id, **params})
+            return
+        async with self._write_lock:
+            await self._conn.execute(statement, {"row_id": row_id, **params})
 
 
 async def _release(
@@ -411,15 +481,47 @@ async def deliver_due(
     lanes: Sequence[int] = (0, 1),
     batch_size: int = 50,
     lock_seconds: float = 120.0,
+    tried: set[int] | None = None,
+    write_lock: asyncio.Lock | None = None,
 ) -> DeliveryReport:
     """Send every due row of ``lanes``, batch after batch, until none is due.
 
     A row that fails transiently is not tried again in the same call, even when its retry
     is due at once (``base=0``); after a few transient failures in a row the call stops
     early and gives back the rest of its batch (the server is down: don't queue timeouts).
+    Pass the same ``tried`` set to several calls to make them count as one for that rule,
+    and the ``write_lock`` that this process's other database writers hold (see
+    ``Pipeline.write_lock``), if any, to wait for them in the event loop.
     """
+    async with sessions() as session:
+        return await _deliver(
+            sessions,
+            _Recorder(session, write_lock),
+            sender=sender,
+            worker_id=worker_id,
+            now=now,
+            policy=policy,
+            lanes=lanes,
+            batch_size=batch_size,
+            lock_seconds=lock_seconds,
+            tried_again_later=set() if tried is None else tried,
+        )
+
+
+async def _deliver(
+    sessions: async_sessionmaker[AsyncSession],
+    recorder: _Recorder,
+    *,
+    sender: Sender,
+    worker_id: str,
+    now: Callable[[], datetime],
+    policy: RetryPolicy,
+    lanes: Sequence[int],
+    batch_size: int,
+    lock_seconds: float,
+    tried_again_later: set[int],
+) -> DeliveryReport:
     sent = retried = failed = 0
-    tried_again_later: set[int] = set()
     while True:
         batch = await _claim(
             sessions,
@@ -436,8 +538,7 @@ async def deliver_due(
         for index, row in enumerate(batch):
             attempts = row.attempts + 1
             if now() > row.deadline_at:
-                await _record(
-                    sessions,
+                await recorder.record(
                     row.id,
                     status=FAILED,
                     last_error=_clip(f"deadline passed before delivery ({row.attempts} attempts)"),
@@ -448,8 +549,8 @@ async def deliver_due(
                 await sender.send(mail_from=row.mail_from, recipient=row.recipient, raw=row.raw)
             except PermanentDeliveryError as exc:
                 log.warning("outbox %s to %s failed: %s", row.id, row.recipient, exc)
-                await _record(
-                    sessions, row.id, status=FAILED, attempts=attempts, last_error=_clip(str(exc))
+                await recorder.record(
+                    row.id, status=FAILED, attempts=attempts, last_error=_clip(str(exc))
                 )
                 failed += 1
                 streak = 0
@@ -461,8 +562,7 @@ async def deliver_due(
                 current = now()
                 retry_at = current + timedelta(seconds=policy.delay(attempts, row.lane))
                 if retry_at >= row.deadline_at:
-                    await _record(
-                        sessions,
+                    await recorder.record(
                         row.id,
                         status=FAILED,
                         attempts=attempts,
@@ -470,8 +570,7 @@ async def deliver_due(
                     )
                     failed += 1
                 else:
-                    await _record(
-                        sessions,
+                    await recorder.record(
                         row.id,
                         attempts=attempts,
                         next_attempt_at=retry_at,
@@ -484,10 +583,10 @@ async def deliver_due(
                     rest = [r.id for r in batch[index + 1 :]]
                     if rest:
                         await _release(sessions, worker_id, rest)
-                    return DeliveryReport(sent, retried, failed)
+                    return DeliveryReport(sent, retried, failed, stopped_early=True)
                 continue
-            await _record(
-                sessions, row.id, status=SENT, attempts=attempts, sent_at=now(), last_error=None
+            await recorder.record(
+                row.id, status=SENT, attempts=attempts, sent_at=now(), last_error=None
             )
             sent += 1
             streak = 0

@@ -18,12 +18,23 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hashlib
 import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from multiprocessing.reduction import ForkingPickler
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
 
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -81,6 +92,20 @@ class Prepared:
 
 
 @dataclass(slots=True)
+class _Writes:
+    """What a batch inserts with Core executemany once its mails are planned: messages (and
+    their attachments) and outbox rows. Tickets stay ORM objects (threading, escalation and
+    the web code work on them); everything else of the hot path is a plain row."""
+
+    messages: tickets.MessageRows = field(default_factory=tickets.MessageRows)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+
+    async def write(self, session: AsyncSession) -> None:
+        await self.messages.write(session)
+        await outbox.insert_rows(session, self.outbox)
+
+
+@dataclass(slots=True)
 class BatchResult:
     outcomes: list[Outcome] = field(default_factory=list)
     enqueued_priority: int = 0
@@ -125,6 +150,71 @@ def prepare(
     return Prepared(uid, raw, email, classification, None, classification.crisis)
 
 
+def prepare_many(
+    mails: Sequence[tuple[int | None, bytes]],
+    *,
+    own_addresses: frozenset[str],
+    own_templates: Sequence[str],
+) -> list[Prepared]:
+    """:func:`prepare` for a batch of ``(uid, raw)``; what the prepare process runs."""
+    return [
+        prepare(raw, uid=uid, own_addresses=own_addresses, own_templates=own_templates)
+        for uid, raw in mails
+    ]
+
+
+def _mappingproxy(items: dict[str, Any]) -> MappingProxyType[str, Any]:
+    return MappingProxyType(items)
+
+
+def _reduce_mappingproxy(
+    proxy: MappingProxyType[str, Any],
+) -> tuple[Callable[[dict[str, Any]], MappingProxyType[str, Any]], tuple[dict[str, Any]]]:
+    return _mappingproxy, (dict(proxy),)
+
+
+# ``InboundEmail.headers`` is a read-only mapping, which pickle cannot carry on its own.
+ForkingPickler.register(MappingProxyType, _reduce_mappingproxy)
+
+
+def _prepare_process_init(parent: int) -> None:
+    """In the prepare process: leave signals to the worker (which shuts the pool down), and
+    exit when the worker is gone, even SIGKILLed (a pool process would otherwise wait on its
+    queue for ever)."""
+    signal.set_wakeup_fd(-1)  # inherited from the worker's event loop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def prepare_pool() -> ProcessPoolExecutor | None:
+    """A one-process pool for :meth:`Pipeline.prepare_batch`, or None where it would not
+    help (one core) or cannot start cheaply (no ``fork``: a spawned process would spend a
+    second importing before its first batch).
+
+    Parsing and the crisis detector are about half of the CPU an ingested mail costs; in
+    their own process they run beside the database and SMTP work instead of before it.
+    The process is forked at once, before the caller opens sockets or takes locks it
+    should not share.
+    """
+    if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    pool = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_prepare_process_init,
+        initargs=(os.getpid(),),
+    )
+    pool.submit(int).result()  # fork now, not at the first batch
+    return pool
+
+
 class Pipeline:
     """Turns batches of raw mail into stored tickets and queued replies."""
 
@@ -148,11 +238,33 @@ class Pipeline:
         )
         self.own_addresses = frozenset({settings.support_address.lower()})
         self.own_templates = compose.own_template_texts()
+        self.write_lock: asyncio.Lock | None = None
+
+    def writing(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """Held around each batch transaction: ``write_lock`` when the caller shares one
+        with its other writers (the worker's outbox), so they queue in the event loop
+        instead of in SQLite's busy handler, which sleeps in steps of up to 25 ms."""
+        return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
 
     def prepare(self, raw: bytes, uid: int | None = None) -> Prepared:
         return prepare(
             raw, uid=uid, own_addresses=self.own_addresses, own_templates=self.own_templates
         )
+
+    async def prepare_batch(
+        self, mails: Sequence[RawMail], *, pool: Executor | None = None
+    ) -> list[Prepared]:
+        """Parse and classify a batch: in ``pool`` (see :func:`prepare_pool`) when given, so
+        that the next batch is prepared on another core while this one is stored."""
+        if pool is None:
+            return [self.prepare(m.raw, m.uid) for m in mails]
+        job = functools.partial(
+            prepare_many,
+            [(m.uid, m.raw) for m in mails],
+            own_addresses=self.own_addresses,
+            own_templates=self.own_templates,
+        )
+        return await asyncio.get_running_loop().run_in_executor(pool, job)
 
     async def ingest(
         self,
@@ -161,14 +273,24 @@ class Pipeline:
         folder: str,
         uidvalidity: int | None,
     ) -> BatchResult:
-        """Store one fetched batch and move the cursor past it, in one transaction.
+        """Prepare and store one fetched batch (see :meth:`store`)."""
+        prepared = [self.prepare(m.raw, m.uid) for m in mails]
+        return await self.store(prepared, folder=folder, uidvalidity=uidvalidity)
+
+    async def store(
+        self,
+        prepared: Sequence[Prepared],
+        *,
+        folder: str,
+        uidvalidity: int | None,
+    ) -> BatchResult:
+        """Store one prepared batch and move the cursor past it, in one transaction.
 
         When the batch transaction fails, each mail is retried in a transaction of its own
         and one that still fails is set aside as a poison mail, so it never blocks the rest.
         """
-        prepared = [self.prepare(m.raw, m.uid) for m in mails]
         try:
-            async with self.sessions() as session, session.begin():
+            async with self.writing(), self.sessions() as session, session.begin():
                 return await self._store(session, prepared, folder=folder, uidvalidity=uidvalidity)
         except Exception as exc:
             if len(prepared) == 1:
@@ -186,7 +308,7 @@ class Pipeline:
         total = BatchResult()
         for one in prepared:
             try:
-                async with self.sessions() as session, session.begin():
+                async with self.writing(), self.sessions() as session, session.begin():
                     result = await self._store(
                         session, [one], folder=folder, uidvalidity=uidvalidity
                     )
@@ -306,7 +428,7 @@ class Pipeline:
             ],
             since=since,
         )
-        stored: list[tuple[Message, InboundEmail]] = []
+        writes = _Writes()
         by_prepared: dict[int, Outcome] = {}
         for p, ticket, is_new, kind in plans:
             by_prepared[id(p)] = await self._store_one(
@@ -317,7 +439,7 @@ class Pipeline:
                 kind=kind,
                 now=now,
                 result=result,
-                stored=stored,
+                writes=writes,
                 acks_sent=acks_sent,
             )
         for p in fresh:
@@ -325,7 +447,7 @@ class Pipeline:
                 by_prepared[id(p)] = await self._store_unreadable(
                     session, p, now=now, folder=folder, uidvalidity=uidvalidity
                 )
-        await tickets.flush_attachments(session, stored)
+        await writes.write(session)
         fresh_ids = {id(p) for p in fresh}
         for i, p in enumerate(prepared):
             if id(p) in fresh_ids:
@@ -348,14 +470,15 @@ class Pipeline:
         kind: str,
         now: datetime,
         result: BatchResult,
-        stored: list[tuple[Message, InboundEmail]],
+        writes: _Writes,
         acks_sent: dict[str, int],
     ) -> Outcome:
         email, cls = p.email, p.classification
         assert email is not None and cls is not None
         robot = cls.robot
-        message = tickets.add_inbound_message(
+        tickets.add_inbound_message(
             session,
+            rows=writes.messages,
             ticket=ticket,
             email=email,
             kind=kind,
@@ -366,7 +489,6 @@ class Pipeline:
             crisis_tier=p.crisis.tier,
             crisis_rules=p.crisis.rule_ids,
         )
-        stored.append((message, email))
 
         reply = "none: not a new ticket"
         crisis_replied = False
@@ -394,8 +516,8 @@ class Pipeline:
             if outcome.created or outcome.reopened:
                 why_not = self._why_no_reply(email, cls)
                 if why_not is None:
-                    await self._enqueue_ack(
-                        session,
+                    self._enqueue_ack(
+                        writes,
                         ticket=ticket,
                         email=email,
                         cls=cls,
@@ -417,8 +539,8 @@ class Pipeline:
                     hours = self.settings.ack_limit_window_hours
                     why_not = f"rate limited ({limit} per {hours:g} h)"
             if why_not is None and recipient is not None:
-                await self._enqueue_ack(
-                    session,
+                self._enqueue_ack(
+                    writes,
                     ticket=ticket,
                     email=email,
                     cls=cls,
@@ -452,9 +574,9 @@ class Pipeline:
             return "loop: our own address"
         return None
 
-    async def _enqueue_ack(
+    def _enqueue_ack(
         self,
-        session: AsyncSession,
+        writes: _Writes,
         *,
         ticket: Ticket,
         email: InboundEmail,
@@ -482,8 +604,7 @@ class Pipeline:
             crisis=crisis,
             oncall_alerted=oncall_alerted,
         )
-        await outbox.enqueue(
-            session,
+        row = outbox.new_row(
             msg=msg,
             kind="crisis_ack" if crisis else "ack",
             recipient=recipient.key,
@@ -493,8 +614,9 @@ class Pipeline:
             now=now,
             deadline=timedelta(hours=self.settings.outbox_deadline_hours),
         )
+        writes.outbox.append(row)
         tickets.add_outbound_record(
-            session,
+            rows=writes.messages,
             ticket=ticket,
             kind="crisis_ack" if crisis else "ack",
             message_id=message_id,

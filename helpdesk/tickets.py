@@ -29,6 +29,7 @@ from helpdesk.models import (
     Outbox,
     Ticket,
 )
+from helpdesk.parse import Attachment as ParsedAttachment
 from helpdesk.parse import InboundEmail
 
 REFERENCE_PREFIX = "HD-"
@@ -169,9 +170,112 @@ async def create_ticket(session: AsyncSession, **fields: Any) -> Ticket:
     return ticket
 
 
+MESSAGE_TABLE: sa.Table = Message.__table__  # type: ignore[attr-defined]
+ATTACHMENT_TABLE: sa.Table = Attachment.__table__  # type: ignore[attr-defined]
+
+
+class MessageRows:
+    """The messages (and their attachments) of one batch, written by :meth:`write` with one
+    Core ``INSERT`` for the messages and one for the attachments, in the order they were
+    added (so a ticket's inbound mail keeps a lower id than the ack that answers it).
+
+    Plain rows, not SQLModel objects: building and flushing a table object costs ~0.2 ms
+    each, and a batch has two messages per mail.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.attachments: dict[str, Sequence[ParsedAttachment]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(
+        self,
+        *,
+        ticket_id: int,
+        direction: str,
+        kind: str,
+        message_id: str,
+        subject: str,
+        now: datetime,
+        in_reply_to: str = "",
+        references: str = "",
+        from_addr: str = "",
+        from_name: str = "",
+        to_addrs: str = "",
+        text_body: str = "",
+        html_body: str | None = None,
+        size: int = 0,
+        author_id: int | None = None,
+        robot_reason: str | None = None,
+        crisis_tier: int | None = None,
+        crisis_rules: str = "",
+        mailbox: str | None = None,
+        uid: int | None = None,
+        attachments: Sequence[ParsedAttachment] = (),
+    ) -> None:
+        self.rows.append(
+            {
+                "ticket_id": ticket_id,
+                "direction": direction,
+                "kind": kind,
+                "message_id": message_id,
+                "in_reply_to": in_reply_to,
+                "references": references[:20000],
+                "from_addr": from_addr,
+                "from_name": from_name,
+                "to_addrs": to_addrs,
+                "subject": subject[:998],
+                "text_body": text_body,
+                "html_body": html_body,
+                "size": size,
+                "author_id": author_id,
+                "robot_reason": robot_reason,
+                "crisis_tier": crisis_tier,
+                "crisis_rules": crisis_rules,
+                "mailbox": mailbox,
+                "uid": uid,
+                "created_at": now,
+            }
+        )
+        if attachments:
+            self.attachments[message_id] = attachments
+
+    async def write(self, session: AsyncSession) -> None:
+        """Insert the rows (the caller's transaction; nothing is committed here)."""
+        if not self.rows:
+            return
+        conn = await session.connection()
+        if not self.attachments:
+            await conn.execute(sa.insert(MESSAGE_TABLE), self.rows)
+            return
+        inserted = await conn.execute(
+            sa.insert(MESSAGE_TABLE).returning(MESSAGE_TABLE.c.id, MESSAGE_TABLE.c.message_id),
+            self.rows,
+        )
+        ids = {message_id: row_id for row_id, message_id in inserted.all()}
+        await conn.execute(
+            sa.insert(ATTACHMENT_TABLE),
+            [
+                {
+                    "message_id": ids[message_id],
+                    "filename": att.filename,
+                    "content_type": att.content_type,
+                    "size": att.size,
+                    "sha256": att.sha256,
+                    "content": att.content,
+                }
+                for message_id, atts in self.attachments.items()
+                for att in atts
+            ],
+        )
+
+
 def add_inbound_message(
     session: AsyncSession,
     *,
+    rows: MessageRows,
     ticket: Ticket,
     email: InboundEmail,
     kind: str,
@@ -181,20 +285,22 @@ def add_inbound_message(
     robot_reason: str | None,
     crisis_tier: int | None,
     crisis_rules: Sequence[str],
-) -> Message:
-    """Record a patient's mail (and its attachments) on ``ticket``; reopen a closed ticket."""
+) -> None:
+    """Record a patient's mail (and its attachments) on ``ticket`` (a row in ``rows``, written
+    with the batch); reopen a closed ticket."""
+    assert ticket.id is not None  # flushed by assign_references, or loaded
     sender = email.from_addr or email.reply_address
-    message = Message(
-        ticket_id=ticket.id,  # type: ignore[arg-type]  # set by create_ticket's flush
+    rows.add(
+        ticket_id=ticket.id,
         direction="inbound",
         kind=kind,
         message_id=email.message_id,
         in_reply_to=" ".join(email.in_reply_to),
-        references=" ".join(email.references)[:20000],
+        references=" ".join(email.references),
         from_addr=sender.email[:320] if sender else "",
         from_name=sender.name[:200] if sender else "",
         to_addrs=", ".join(a.email for a in (*email.to, *email.cc))[:5000],
-        subject=email.subject[:998],
+        subject=email.subject,
         text_body=email.text,
         html_body=email.html,
         size=email.size,
@@ -203,9 +309,9 @@ def add_inbound_message(
         crisis_rules=",".join(crisis_rules)[:500],
         mailbox=mailbox,
         uid=uid,
-        created_at=now,
+        now=now,
+        attachments=email.attachments,
     )
-    session.add(message)
     touch(ticket, now=now)
     if kind != "bounce":
         if ticket.status in CLOSED_STATUSES:
@@ -221,34 +327,11 @@ def add_inbound_message(
             ticket.status = "open"
         elif ticket.status == "pending":
             ticket.status = "open"
-    return message
-
-
-async def flush_attachments(
-    session: AsyncSession, stored: Sequence[tuple[Message, InboundEmail]]
-) -> None:
-    """Store the attachments of freshly added inbound messages (they need the message ids)."""
-    pending = [(m, e) for m, e in stored if e.attachments]
-    if not pending:
-        return
-    await session.flush()
-    for message, email in pending:
-        for att in email.attachments:
-            session.add(
-                Attachment(
-                    message_id=message.id,  # type: ignore[arg-type]  # flushed above
-                    filename=att.filename,
-                    content_type=att.content_type,
-                    size=att.size,
-                    sha256=att.sha256,
-                    content=att.content,
-                )
-            )
 
 
 def add_outbound_record(
-    session: AsyncSession,
     *,
+    rows: MessageRows,
     ticket: Ticket,
     kind: str,
     message_id: str,
@@ -260,25 +343,24 @@ def add_outbound_record(
     references: str,
     now: datetime,
     author_id: int | None = None,
-) -> Message:
+) -> None:
     """Record a mail we send (ack, reply) so that answers to it find this ticket."""
-    message = Message(
-        ticket_id=ticket.id,  # type: ignore[arg-type]
+    assert ticket.id is not None
+    rows.add(
+        ticket_id=ticket.id,
         direction="outbound",
         kind=kind,
         message_id=message_id,
         in_reply_to=in_reply_to,
-        references=references[:20000],
+        references=references,
         from_addr=from_addr,
         to_addrs=to_addr,
-        subject=subject[:998],
+        subject=subject,
         text_body=text_body,
         author_id=author_id,
-        created_at=now,
+        now=now,
     )
-    session.add(message)
     ticket.message_count += 1
-    return message
 
 
 def touch(ticket: Ticket, *, now: datetime) -> None:

@@ -21,7 +21,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -32,6 +34,7 @@ from helpdesk.config import Settings
 from helpdesk.db import SessionFactory
 from helpdesk.mailbox import (
     Backoff,
+    FetchedMail,
     ImapMailbox,
     Mailbox,
     MailboxAuthError,
@@ -39,7 +42,7 @@ from helpdesk.mailbox import (
     plan_fetch,
 )
 from helpdesk.models import WorkerHeartbeat, utcnow
-from helpdesk.pipeline import Pipeline, mailbox_state
+from helpdesk.pipeline import Pipeline, Prepared, mailbox_state, prepare_pool
 from helpdesk.presence import Presence
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,9 @@ class Worker:
         self.mailbox_factory = mailbox_factory or default_mailbox_factory(settings)
         self.sender_factory = sender_factory or default_sender_factory(settings)
         self.pipeline = Pipeline(settings=settings, sessions=sessions, clock=clock)
+        # The batch transactions and the outbox results take turns on this lock in the
+        # event loop, rather than in SQLite's sleeping busy handler.
+        self.pipeline.write_lock = asyncio.Lock()
         self.policy = outbox.RetryPolicy(
             base=settings.outbox_retry_base_seconds, cap=settings.outbox_retry_max_seconds
         )
@@ -126,6 +132,8 @@ class Worker:
         self._processed = 0
         self._errors = 0
         self.presence = Presence(settings, self.worker_id)
+        # the prepare process (see pipeline.prepare_pool), alive during run() / run_once()
+        self._pool: ProcessPoolExecutor | None = None
 
     # -- one pass --------------------------------------------------------------------
     async def _connected(self) -> Mailbox:
@@ -156,33 +164,78 @@ class Worker:
                 extra={"folder": self.folder, "old": stored_validity, "new": uidvalidity},
             )
         started = time.monotonic()
-        async for batch in mailbox.batches(after, batch_size=self.settings.imap_batch_size):
-            result = await self.pipeline.ingest(batch, folder=self.folder, uidvalidity=uidvalidity)
-            for lane, count in ((0, result.enqueued_priority), (1, result.enqueued_routine)):
-                if count:
-                    self._wake[lane].set()
-            uids = [m.uid for m in batch]
-            await mailbox.mark_seen(uids)
-            if self.settings.imap_processed_folder:
-                await mailbox.move(uids, self.settings.imap_processed_folder)
-            report.fetched += len(batch)
-            for o in result.outcomes:
-                report.created += o.action == "created"
-                report.appended += o.action == "appended"
-                report.duplicates += o.action == "duplicate"
-                report.rejected += o.action == "rejected"
-                report.acks += o.reply == "ack"
-                report.crisis += o.crisis_tier is not None
-            self._processed += len(batch)
-            if report.fetched % 500 < len(batch) and report.fetched >= 500:
-                rate = report.fetched / max(time.monotonic() - started, 1e-6)
-                log.info("ingesting", extra={"done": report.fetched, "per_second": round(rate)})
-            if self._stop.is_set():
-                break
+        # Two batches in flight: batch k+1 is fetched and prepared (in the prepare process,
+        # when there is one) while batch k is stored; each is committed, then marked, in order.
+        batches = mailbox.batches(after, batch_size=self.settings.imap_batch_size)
+        ahead = await self._fetch_ahead(batches)
+        try:
+            while ahead is not None:
+                batch, preparing = ahead
+                ahead = None if self._stop.is_set() else await self._fetch_ahead(batches)
+                result = await self.pipeline.store(
+                    await preparing, folder=self.folder, uidvalidity=uidvalidity
+                )
+                for lane, count in ((0, result.enqueued_priority), (1, result.enqueued_routine)):
+                    if count:
+                        self._wake[lane].set()
+                uids = [m.uid for m in batch]
+                await mailbox.mark_seen(uids)
+                if self.settings.imap_processed_folder:
+                    await mailbox.move(uids, self.settings.imap_processed_folder)
+                report.fetched += len(batch)
+                for o in result.outcomes:
+                    report.created += o.action == "created"
+                    report.appended += o.action == "appended"
+                    report.duplicates += o.action == "duplicate"
+                    report.rejected += o.action == "rejected"
+                    report.acks += o.reply == "ack"
+                    report.crisis += o.crisis_tier is not None
+                self._processed += len(batch)
+                if report.fetched % 500 < len(batch) and report.fetched >= 500:
+                    rate = report.fetched / max(time.monotonic() - started, 1e-6)
+                    log.info("ingesting", extra={"done": report.fetched, "per_second": round(rate)})
+                if self._stop.is_set():
+                    break
+        finally:
+            if ahead is not None:  # stopping: that batch is fetched again next time
+                ahead[1].cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead[1]
+            closing = getattr(batches, "aclose", None)
+            if closing is not None:
+                await closing()
         await self._record_poll()
         if report.fetched:
             log.info("poll done", extra=_as_extra(report))
         return report
+
+    async def _fetch_ahead(
+        self, batches: AsyncIterator[list[FetchedMail]]
+    ) -> tuple[list[FetchedMail], asyncio.Future[list[Prepared]]] | None:
+        batch = await anext(batches, None)
+        if batch is None:
+            return None
+        return batch, asyncio.ensure_future(self._prepare(batch))
+
+    async def _prepare(self, batch: list[FetchedMail]) -> list[Prepared]:
+        pool = self._pool
+        if pool is not None:
+            try:
+                return await self.pipeline.prepare_batch(batch, pool=pool)
+            except BrokenProcessPool:
+                log.warning("the prepare process died; preparing in the worker from now on")
+                self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+        return await self.pipeline.prepare_batch(batch)
+
+    def _start_pool(self) -> None:
+        if self._pool is None:
+            self._pool = prepare_pool()
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     async def _record_poll(self) -> None:
         now = self.clock()
@@ -213,6 +266,7 @@ class Worker:
                 lanes=lanes,
                 batch_size=self.settings.outbox_batch_size,
                 tried=tried,
+                write_lock=self.pipeline.write_lock,
             )
         finally:
             if own:
@@ -272,6 +326,13 @@ class Worker:
         batch is parsed), and once more after the escalation timer has run."""
         report = RunReport()
         started = time.perf_counter()
+        self._start_pool()
+        try:
+            return await self._run_once(report, started)
+        finally:
+            self._stop_pool()
+
+    async def _run_once(self, report: RunReport, started: float) -> RunReport:
         await self._heartbeat()
         done = asyncio.Event()
         drainer = asyncio.create_task(self._drain_until(done), name="drain-outbox")
@@ -310,9 +371,13 @@ class Worker:
     async def run(self) -> None:
         """Run until ``request_stop()`` (SIGTERM): mailbox, two delivery lanes, timers."""
         log.info("worker starting", extra={"worker": self.worker_id, "folder": self.folder})
-        async with self.presence:
-            await self.presence.reclaim(self.sessions)
-            await self._run_tasks()
+        self._start_pool()  # before the presence lock: the prepare process must not hold it
+        try:
+            async with self.presence:
+                await self.presence.reclaim(self.sessions)
+                await self._run_tasks()
+        finally:
+            self._stop_pool()
 
     async def _run_tasks(self) -> None:
         tasks = [
