@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     imap_batch_size: int = Field(default=50, ge=1, le=1000)
     imap_poll_interval: float = Field(default=30.0, gt=0)
     imap_timeout: float = Field(default=30.0, gt=0)
+    crisis_scout: bool = True
+    """Watch new mail on a second IMAP connection so a crisis never waits behind a backlog."""
 
     smtp_host: str = ""
     smtp_port: int | None = Field(default=None, ge=1, le=65535)

@@ -526,6 +526,23 @@ class ImapMailbox:
         _check(response, "UID SEARCH")
         return sorted({uid for uid in _parse_search(response.lines) if uid > after_uid})
 
+    async def fetch(self, uids: Sequence[int]) -> list[FetchedMail]:
+        """These UIDs (``BODY.PEEK[]``: nothing is marked), ascending; expunged ones are
+        simply absent."""
+        if not uids:
+            return []
+        client = self._require()
+        response = await self._call(
+            client.uid("fetch", uid_set(uids), "(UID FLAGS BODY.PEEK[])"),
+            "UID FETCH",
+            limit=None,
+        )
+        _check(response, "UID FETCH")
+        wanted = set(uids)
+        return sorted(
+            (m for m in parse_fetch(response.lines) if m.uid in wanted), key=lambda m: m.uid
+        )
+
     async def batches(
         self, after_uid: int, *, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> AsyncIterator[list[FetchedMail]]:
@@ -533,17 +550,7 @@ class ImapMailbox:
             raise ValueError("batch_size must be >= 1")
         uids = await self.search_after(after_uid)
         for chunk in _chunks(uids, batch_size):
-            client = self._require()
-            response = await self._call(
-                client.uid("fetch", uid_set(chunk), "(UID FLAGS BODY.PEEK[])"),
-                "UID FETCH",
-                limit=None,
-            )
-            _check(response, "UID FETCH")
-            wanted = set(chunk)
-            mails = sorted(
-                (m for m in parse_fetch(response.lines) if m.uid in wanted), key=lambda m: m.uid
-            )
+            mails = await self.fetch(chunk)
             if mails:  # an empty chunk means those messages were expunged meanwhile
                 yield mails
 

@@ -26,7 +26,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -44,6 +44,7 @@ from helpdesk.config import Settings
 from helpdesk.errors import (
     ConfigError,
     DeliveryError,
+    HelpdeskError,
     InvalidInputError,
     PermanentDeliveryError,
     TransientDeliveryError,
@@ -106,6 +107,9 @@ class SmtpSender:
         self.idle_check_seconds = idle_check_seconds
         self.name = name
         self.connections = 0  # opened so far; for metrics and tests
+        self.oauth_token: Callable[[], Awaitable[str]] | None = (
+            None  # XOAUTH2 instead of a password
+        )
         self._client: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
         self._lock = asyncio.Lock()
@@ -138,7 +142,15 @@ class SmtpSender:
         client = self._new_client()
         try:
             await client.connect()
-            if self.user:
+            if self.oauth_token is not None:
+                try:
+                    token = await self.oauth_token()
+                except HelpdeskError as exc:  # OAuthTokenError: loud, and retried later
+                    client.close()
+                    log.error("SMTP OAuth token unavailable", extra={"error": str(exc)[:200]})
+                    raise TransientDeliveryError(f"SMTP OAuth token: {exc}") from exc
+                await client.auth_xoauth2(self.user, token)
+            elif self.user:
                 await client.login(self.user, self._password)
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
@@ -323,7 +335,9 @@ class RetryPolicy:
         """Seconds to wait after the ``attempts``-th failed attempt."""
         if self.base <= 0:
             return 0.0
-        base, cap = (self.priority_base, self.priority_cap) if lane == 0 else (self.base, self.cap)
+        base, cap = self.base, self.cap
+        if lane == 0:  # crisis replies and escalations: never retried later than routine mail
+            base, cap = min(self.priority_base, base), min(self.priority_cap, cap)
         ceiling = min(cap, base * 2 ** min(max(attempts, 1) - 1, 32))
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
@@ -355,6 +369,25 @@ class _Claimed:
     raw: bytes
     attempts: int
     deadline_at: datetime
+
+
+async def release_claims(
+    sessions: async_sessionmaker[AsyncSession], *, worker_id: str, lanes: Sequence[int]
+) -> int:
+    """Unlock pending rows this worker claimed in ``lanes`` (after a pass that failed, e.g.
+    when the database went away mid-pass). Only safe while no pass of this worker is
+    running on those lanes."""
+    async with sessions() as session, session.begin():
+        result = await session.exec(
+            update(Outbox)
+            .where(
+                col(Outbox.locked_by) == worker_id,
+                col(Outbox.status) == PENDING,
+                col(Outbox.lane).in_(list(lanes)),
+            )
+            .values(locked_by=None, locked_until=None)
+        )
+        return int(result.rowcount or 0)
 
 
 async def _claim(

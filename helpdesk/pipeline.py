@@ -36,6 +36,7 @@ from multiprocessing.reduction import ForkingPickler
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
+from sqlalchemy import exc as sa_exc
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -215,6 +216,22 @@ def prepare_pool() -> ProcessPoolExecutor | None:
     return pool
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database could not be reached or the connection died,
+    as opposed to this mail making a step fail."""
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa_exc.InterfaceError | sa_exc.OperationalError):
+        text = str(exc).lower()
+        return any(
+            word in text
+            for word in ("connect", "closed", "terminat", "shutdown", "database is locked")
+        )
+    return False
+
+
 class Pipeline:
     """Turns batches of raw mail into stored tickets and queued replies."""
 
@@ -293,6 +310,8 @@ class Pipeline:
             async with self.writing(), self.sessions() as session, session.begin():
                 return await self._store(session, prepared, folder=folder, uidvalidity=uidvalidity)
         except Exception as exc:
+            if is_unavailable(exc):
+                raise  # the database, not the mail: the worker retries the whole batch later
             if len(prepared) == 1:
                 log.warning(
                     "mail failed, setting it aside",
@@ -313,6 +332,8 @@ class Pipeline:
                         session, [one], folder=folder, uidvalidity=uidvalidity
                     )
             except Exception as exc:
+                if is_unavailable(exc):
+                    raise
                 log.warning(
                     "mail failed, setting it aside",
                     extra={"uid": one.uid, "error": type(exc).__name__},
@@ -322,6 +343,16 @@ class Pipeline:
             total.enqueued_priority += result.enqueued_priority
             total.enqueued_routine += result.enqueued_routine
         return total
+
+    async def store_priority(
+        self, prepared: Sequence[Prepared], *, folder: str, uidvalidity: int | None
+    ) -> BatchResult:
+        """Store crisis mail ahead of the queue (the crisis scout): same transaction rules,
+        but the cursor stays put, so the main loop later meets these mails as duplicates."""
+        async with self.writing(), self.sessions() as session, session.begin():
+            return await self._store(
+                session, prepared, folder=folder, uidvalidity=uidvalidity, move_cursor=False
+            )
 
     async def _set_aside(
         self, one: Prepared, exc: BaseException, *, folder: str, uidvalidity: int | None
@@ -372,6 +403,7 @@ class Pipeline:
         *,
         folder: str,
         uidvalidity: int | None,
+        move_cursor: bool = True,
     ) -> BatchResult:
         """Store a batch with a handful of statements, whatever its size: the lookups are
         made for the whole batch, new tickets are inserted together, and everything else
@@ -454,7 +486,7 @@ class Pipeline:
                 outcomes[i] = by_prepared[id(p)]
         result.outcomes = [outcomes[i] for i in range(len(prepared))]
         uids = [p.uid for p in prepared if p.uid is not None]
-        if uids:
+        if uids and move_cursor:
             await self._advance(
                 session, folder=folder, uidvalidity=uidvalidity, uid=max(uids), now=now
             )

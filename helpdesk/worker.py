@@ -42,8 +42,10 @@ from helpdesk.mailbox import (
     plan_fetch,
 )
 from helpdesk.models import WorkerHeartbeat, utcnow
+from helpdesk.oauth import OAuthTokenError, TokenSource
 from helpdesk.pipeline import Pipeline, Prepared, mailbox_state, prepare_pool
 from helpdesk.presence import Presence
+from helpdesk.scout import CrisisScout
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +78,40 @@ class RunReport:
     elapsed: float = 0.0
 
 
-def default_mailbox_factory(settings: Settings) -> MailboxFactory:
+def token_source(settings: Settings) -> TokenSource | None:
+    """The OAuth2 token source when any login uses XOAUTH2."""
+    if "xoauth2" not in (settings.imap_auth, settings.smtp_auth):
+        return None
+    return TokenSource(command=settings.oauth_token_command, file=settings.oauth_token_file)
+
+
+def imap_mailbox(settings: Settings, tokens: TokenSource | None = None) -> ImapMailbox:
+    return ImapMailbox(
+        host=settings.imap_host,
+        port=settings.imap_port_effective,
+        user=settings.imap_user,
+        password=settings.imap_password.get_secret_value(),
+        security=settings.imap_security,
+        timeout=settings.imap_timeout,
+        xoauth2_token=tokens if settings.imap_auth == "xoauth2" else None,
+    )
+
+
+def default_mailbox_factory(
+    settings: Settings, tokens: TokenSource | None = None
+) -> MailboxFactory:
     def make() -> Mailbox:
-        return ImapMailbox(
-            host=settings.imap_host,
-            port=settings.imap_port_effective,
-            user=settings.imap_user,
-            password=settings.imap_password.get_secret_value(),
-            security=settings.imap_security,
-            timeout=settings.imap_timeout,
-        )
+        return imap_mailbox(settings, tokens)
 
     return make
 
 
-def default_sender_factory(settings: Settings) -> SenderFactory:
+def default_sender_factory(settings: Settings, tokens: TokenSource | None = None) -> SenderFactory:
     def make(lane: str) -> outbox.Sender:
-        return outbox.SmtpSender.from_settings(settings, lane=lane)
+        sender = outbox.SmtpSender.from_settings(settings, lane=lane)
+        if settings.smtp_auth == "xoauth2":
+            sender.oauth_token = tokens
+        return sender
 
     return make
 
@@ -116,8 +135,11 @@ class Worker:
             or settings.worker_id
             or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
-        self.mailbox_factory = mailbox_factory or default_mailbox_factory(settings)
-        self.sender_factory = sender_factory or default_sender_factory(settings)
+        self.tokens = token_source(settings)
+        self.mailbox_factory = mailbox_factory or default_mailbox_factory(settings, self.tokens)
+        self.sender_factory = sender_factory or default_sender_factory(settings, self.tokens)
+        # the crisis scout needs a real IMAP connection; injected test mailboxes go without
+        self.scout_enabled = mailbox_factory is None and settings.crisis_scout
         self.pipeline = Pipeline(settings=settings, sessions=sessions, clock=clock)
         # The batch transactions and the outbox results take turns on this lock in the
         # event loop, rather than in SQLite's sleeping busy handler.
@@ -389,6 +411,15 @@ class Worker:
             asyncio.create_task(self._every(10.0, self._heartbeat), name="heartbeat"),
             asyncio.create_task(self._every(5.0, self._reclaim), name="reclaim"),
         ]
+        if self.scout_enabled:
+            scout = CrisisScout(
+                pipeline=self.pipeline,
+                mailbox_factory=lambda: imap_mailbox(self.settings, self.tokens),
+                folder=self.folder,
+                on_crisis=self._wake[0].set,
+                active=lambda: self.pipeline.mailbox in self.presence.leases,
+            )
+            tasks.append(asyncio.create_task(scout.run(self._stop), name="crisis-scout"))
         try:
             await self._stop.wait()
         finally:
@@ -420,6 +451,15 @@ class Worker:
                         await waiter
                 else:
                     waiter.result()
+            except OAuthTokenError as exc:
+                self._errors += 1
+                attempt += 1
+                log.error(
+                    "IMAP OAuth token unavailable: mail is NOT being read",
+                    extra={"error": str(exc)[:200]},
+                )
+                await self._drop_connection()
+                await self._sleep(backoff.delay(attempt))
             except MailboxAuthError as exc:
                 self._errors += 1
                 attempt += 1
@@ -453,10 +493,18 @@ class Worker:
     async def _delivery_loop(self, lane: int, *, until: asyncio.Event) -> None:
         sender = self.sender_factory("priority" if lane == 0 else "routine")
         event = self._wake[lane]
+        orphaned = False  # a failed pass may leave rows claimed by us and never sent
         try:
             while not until.is_set():
                 event.clear()
                 try:
+                    if orphaned:
+                        # this loop is the only one of this worker using this lane, and no
+                        # pass is running: whatever we still hold is left from a failed one
+                        await outbox.release_claims(
+                            self.sessions, worker_id=self.worker_id, lanes=(lane,)
+                        )
+                        orphaned = False
                     await outbox.deliver_due(
                         sessions=self.sessions,
                         sender=sender,
@@ -468,6 +516,7 @@ class Worker:
                     )
                 except Exception:
                     self._errors += 1
+                    orphaned = True
                     log.exception("delivery pass failed", extra={"lane": lane})
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=1.0)
