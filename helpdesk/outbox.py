@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, Protocol
 
@@ -369,6 +369,23 @@ class _Claimed:
     raw: bytes
     attempts: int
     deadline_at: datetime
+
+
+async def next_due_in(sessions: async_sessionmaker[AsyncSession], *, now: datetime) -> float | None:
+    """Seconds until the next pending, unclaimed row is due (<= 0: due now); None if none."""
+    async with sessions() as session:
+        row = await session.exec(
+            select(sa.func.min(Outbox.next_attempt_at)).where(
+                Outbox.status == PENDING,
+                (col(Outbox.locked_until).is_(None)) | (col(Outbox.locked_until) < now),
+            )
+        )
+        first = row.one()
+    if first is None:
+        return None
+    if first.tzinfo is None:  # SQLite gives the aggregate back without our column type
+        first = first.replace(tzinfo=UTC)
+    return (first - now).total_seconds()
 
 
 async def release_claims(

@@ -216,19 +216,30 @@ def prepare_pool() -> ProcessPoolExecutor | None:
     return pool
 
 
+_UNAVAILABLE_WORDS = (
+    "connect",
+    "closed",
+    "terminat",
+    "shutting down",
+    "starting up",
+    "does not exist",  # asyncpg: ConnectionDoesNotExistError
+    "database is locked",
+    "server closed",
+)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` says the database could not be reached or the connection died,
     as opposed to this mail making a step fail."""
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return True
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, sa_exc.InterfaceError | sa_exc.OperationalError):
-        text = str(exc).lower()
-        return any(
-            word in text
-            for word in ("connect", "closed", "terminat", "shutdown", "database is locked")
-        )
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if isinstance(exc, sa_exc.IntegrityError | sa_exc.DataError | sa_exc.ProgrammingError):
+            return False
+        text = f"{type(exc.orig).__name__} {exc.orig}".lower()
+        return any(word in text for word in _UNAVAILABLE_WORDS)
     return False
 
 

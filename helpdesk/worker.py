@@ -307,14 +307,24 @@ class Worker:
                 for event in self._wake.values():
                     event.clear()
                 total += await self.drain_outbox(sender=sender, tried=tried)
-                if last or total.stopped_early:
-                    return total
+                if last:
+                    break
                 waits = [asyncio.ensure_future(e.wait()) for e in (done, *self._wake.values())]
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for waiter in waits:
                         waiter.cancel()
+            # Mail that failed for a passing reason and is due again within moments is worth
+            # one more try before exiting; anything later waits for the next run.
+            for _ in range(3):
+                due_in = await outbox.next_due_in(self.sessions, now=self.clock())
+                if due_in is None or due_in > 10.0:
+                    break
+                await asyncio.sleep(max(due_in, 0.0))
+                tried.clear()
+                total += await self.drain_outbox(sender=sender, tried=tried)
+            return total
         finally:
             await sender.close()
 
