@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -116,6 +117,24 @@ def default_sender_factory(settings: Settings, tokens: TokenSource | None = None
     return make
 
 
+@dataclass(slots=True)
+class Watch:
+    """One watched mailbox: its settings, pipeline, folder and IMAP connection."""
+
+    settings: Settings
+    pipeline: Pipeline
+    factory: MailboxFactory
+    connection: Mailbox | None = None
+
+    @property
+    def folder(self) -> str:
+        return self.settings.imap_folder
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.mailbox
+
+
 class Worker:
     def __init__(
         self,
@@ -136,19 +155,28 @@ class Worker:
             or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
         self.tokens = token_source(settings)
-        self.mailbox_factory = mailbox_factory or default_mailbox_factory(settings, self.tokens)
         self.sender_factory = sender_factory or default_sender_factory(settings, self.tokens)
         # the crisis scout needs a real IMAP connection; injected test mailboxes go without
         self.scout_enabled = mailbox_factory is None and settings.crisis_scout
-        self.pipeline = Pipeline(settings=settings, sessions=sessions, clock=clock)
         # The batch transactions and the outbox results take turns on this lock in the
         # event loop, rather than in SQLite's sleeping busy handler.
-        self.pipeline.write_lock = asyncio.Lock()
+        write_lock = asyncio.Lock()
+        self.watches: list[Watch] = []
+        for box in settings.mailbox_settings() or [settings]:
+            pipeline = Pipeline(
+                settings=box, sessions=sessions, mailbox=box.mailbox_name, clock=clock
+            )
+            pipeline.write_lock = write_lock
+            factory = mailbox_factory or default_mailbox_factory(box, self.tokens)
+            self.watches.append(Watch(box, pipeline, factory))
+        ours = frozenset(w.settings.support_address.lower() for w in self.watches)
+        for watch in self.watches:  # mail from any of our addresses is a loop, never answered
+            watch.pipeline.own_addresses = watch.pipeline.own_addresses | ours
+        self.pipeline = self.watches[0].pipeline  # identity for notices and webhooks
         self.policy = outbox.RetryPolicy(
             base=settings.outbox_retry_base_seconds, cap=settings.outbox_retry_max_seconds
         )
-        self.folder = settings.imap_folder
-        self._mailbox: Mailbox | None = None
+        self.folder = self.watches[0].folder
         self._stop = asyncio.Event()
         self._wake = {0: asyncio.Event(), 1: asyncio.Event()}
         self._processed = 0
@@ -158,52 +186,55 @@ class Worker:
         self._pool: ProcessPoolExecutor | None = None
 
     # -- one pass --------------------------------------------------------------------
-    async def _connected(self) -> Mailbox:
-        if self._mailbox is None:
-            mailbox = self.mailbox_factory()
+    async def _connected(self, watch: Watch) -> Mailbox:
+        if watch.connection is None:
+            mailbox = watch.factory()
             await mailbox.connect()
-            self._mailbox = mailbox
-        return self._mailbox
+            watch.connection = mailbox
+        return watch.connection
 
-    async def _drop_connection(self) -> None:
-        mailbox, self._mailbox = self._mailbox, None
-        if mailbox is not None:
-            with contextlib.suppress(Exception):
-                await mailbox.close()
+    async def _drop_connection(self, watch: Watch | None = None) -> None:
+        for one in [watch] if watch is not None else self.watches:
+            mailbox, one.connection = one.connection, None
+            if mailbox is not None:
+                with contextlib.suppress(Exception):
+                    await mailbox.close()
 
-    async def poll_once(self) -> PollReport:
-        """Fetch and process everything above the cursor; return what happened."""
+    async def poll_once(self, watch: Watch | None = None) -> PollReport:
+        """Fetch and process everything above the cursor of one mailbox (the main one by
+        default); return what happened."""
+        watch = watch or self.watches[0]
         report = PollReport()
-        mailbox = await self._connected()
-        uidvalidity = await mailbox.select(self.folder)
+        mailbox = await self._connected(watch)
+        uidvalidity = await mailbox.select(watch.folder)
         async with self.sessions() as session:
-            state = await mailbox_state(session, mailbox=self.pipeline.mailbox, folder=self.folder)
+            state = await mailbox_state(session, mailbox=watch.name, folder=watch.folder)
             stored_validity, last_uid = state.uidvalidity, state.last_uid
         after, rescan = plan_fetch(stored_validity, uidvalidity, last_uid)
         if rescan:
             log.warning(
                 "UIDVALIDITY changed, re-scanning the folder (duplicates are skipped)",
-                extra={"folder": self.folder, "old": stored_validity, "new": uidvalidity},
+                extra={"folder": watch.folder, "old": stored_validity, "new": uidvalidity},
             )
         started = time.monotonic()
         # Two batches in flight: batch k+1 is fetched and prepared (in the prepare process,
         # when there is one) while batch k is stored; each is committed, then marked, in order.
         batches = mailbox.batches(after, batch_size=self.settings.imap_batch_size)
-        ahead = await self._fetch_ahead(batches)
+        ahead = await self._fetch_ahead(watch, batches)
         try:
             while ahead is not None:
                 batch, preparing = ahead
-                ahead = None if self._stop.is_set() else await self._fetch_ahead(batches)
-                result = await self.pipeline.store(
-                    await preparing, folder=self.folder, uidvalidity=uidvalidity
+                ahead = None if self._stop.is_set() else await self._fetch_ahead(watch, batches)
+                result = await watch.pipeline.store(
+                    await preparing, folder=watch.folder, uidvalidity=uidvalidity
                 )
                 for lane, count in ((0, result.enqueued_priority), (1, result.enqueued_routine)):
                     if count:
                         self._wake[lane].set()
                 uids = [m.uid for m in batch]
                 await mailbox.mark_seen(uids)
-                if self.settings.imap_processed_folder:
-                    await mailbox.move(uids, self.settings.imap_processed_folder)
+                if watch.settings.imap_processed_folder:
+                    await mailbox.move(uids, watch.settings.imap_processed_folder)
                 report.fetched += len(batch)
                 for o in result.outcomes:
                     report.created += o.action == "created"
@@ -226,29 +257,29 @@ class Worker:
             closing = getattr(batches, "aclose", None)
             if closing is not None:
                 await closing()
-        await self._record_poll()
+        await self._record_poll(watch)
         if report.fetched:
             log.info("poll done", extra=_as_extra(report))
         return report
 
     async def _fetch_ahead(
-        self, batches: AsyncIterator[list[FetchedMail]]
+        self, watch: Watch, batches: AsyncIterator[list[FetchedMail]]
     ) -> tuple[list[FetchedMail], asyncio.Future[list[Prepared]]] | None:
         batch = await anext(batches, None)
         if batch is None:
             return None
-        return batch, asyncio.ensure_future(self._prepare(batch))
+        return batch, asyncio.ensure_future(self._prepare(watch.pipeline, batch))
 
-    async def _prepare(self, batch: list[FetchedMail]) -> list[Prepared]:
+    async def _prepare(self, pipeline: Pipeline, batch: list[FetchedMail]) -> list[Prepared]:
         pool = self._pool
         if pool is not None:
             try:
-                return await self.pipeline.prepare_batch(batch, pool=pool)
+                return await pipeline.prepare_batch(batch, pool=pool)
             except BrokenProcessPool:
                 log.warning("the prepare process died; preparing in the worker from now on")
                 self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
-        return await self.pipeline.prepare_batch(batch)
+        return await pipeline.prepare_batch(batch)
 
     def _start_pool(self) -> None:
         if self._pool is None:
@@ -259,10 +290,10 @@ class Worker:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    async def _record_poll(self) -> None:
+    async def _record_poll(self, watch: Watch) -> None:
         now = self.clock()
         async with self.sessions() as session, session.begin():
-            state = await mailbox_state(session, mailbox=self.pipeline.mailbox, folder=self.folder)
+            state = await mailbox_state(session, mailbox=watch.name, folder=watch.folder)
             state.last_poll_at = now
             state.last_error = None
             beat = await session.get(WorkerHeartbeat, self.worker_id)
@@ -358,9 +389,12 @@ class Worker:
         batch is parsed), and once more after the escalation timer has run."""
         report = RunReport()
         started = time.perf_counter()
-        self._start_pool()
+        self._start_pool()  # before the presence lock: the prepare process must not hold it
         try:
-            return await self._run_once(report, started)
+            async with self.presence:
+                # rows claimed by a worker that was killed are released now, not after a timeout
+                await self.presence.reclaim(self.sessions)
+                return await self._run_once(report, started)
         finally:
             self._stop_pool()
 
@@ -369,14 +403,18 @@ class Worker:
         done = asyncio.Event()
         drainer = asyncio.create_task(self._drain_until(done), name="drain-outbox")
         try:
-            try:
-                while True:
-                    poll = await self.poll_once()
-                    report.poll.add(poll)
-                    if poll.fetched == 0 or self._stop.is_set():
-                        break
-            finally:
-                await self._drop_connection()
+            for watch in self.watches:
+                if not await self.presence.try_lease(watch.name):
+                    log.info("another worker holds the mailbox lease", extra={"box": watch.name})
+                    continue
+                try:
+                    while True:
+                        poll = await self.poll_once(watch)
+                        report.poll.add(poll)
+                        if poll.fetched == 0 or self._stop.is_set():
+                            break
+                finally:
+                    await self._drop_connection(watch)
             report.escalation_actions = await self.escalate_due()
             await self.deliver_webhooks()
         except Exception:
@@ -413,7 +451,10 @@ class Worker:
 
     async def _run_tasks(self) -> None:
         tasks = [
-            asyncio.create_task(self._mailbox_loop(), name="mailbox"),
+            *(
+                asyncio.create_task(self._mailbox_loop(w), name=f"mailbox-{w.name}")
+                for w in self.watches
+            ),
             asyncio.create_task(self._delivery_loop(0, until=self._stop), name="deliver-priority"),
             asyncio.create_task(self._delivery_loop(1, until=self._stop), name="deliver-routine"),
             asyncio.create_task(self._every(1.0, self._escalation_tick), name="escalation"),
@@ -421,15 +462,15 @@ class Worker:
             asyncio.create_task(self._every(10.0, self._heartbeat), name="heartbeat"),
             asyncio.create_task(self._every(5.0, self._reclaim), name="reclaim"),
         ]
-        if self.scout_enabled:
+        for watch in self.watches if self.scout_enabled else []:
             scout = CrisisScout(
-                pipeline=self.pipeline,
-                mailbox_factory=lambda: imap_mailbox(self.settings, self.tokens),
-                folder=self.folder,
+                pipeline=watch.pipeline,
+                mailbox_factory=functools.partial(imap_mailbox, watch.settings, self.tokens),
+                folder=watch.folder,
                 on_crisis=self._wake[0].set,
-                active=lambda: self.pipeline.mailbox in self.presence.leases,
+                active=functools.partial(self.presence.leases.__contains__, watch.name),
             )
-            tasks.append(asyncio.create_task(scout.run(self._stop), name="crisis-scout"))
+            tasks.append(asyncio.create_task(scout.run(self._stop), name=f"scout-{watch.name}"))
         try:
             await self._stop.wait()
         finally:
@@ -440,17 +481,17 @@ class Worker:
                 "worker stopped", extra={"worker": self.worker_id, "processed": self._processed}
             )
 
-    async def _mailbox_loop(self) -> None:
+    async def _mailbox_loop(self, watch: Watch) -> None:
         backoff = Backoff()
         attempt = 0
         while not self._stop.is_set():
             try:
-                if not await self.presence.try_lease(self.pipeline.mailbox):
+                if not await self.presence.try_lease(watch.name):
                     await self._sleep(2.0)  # another worker watches this mailbox
                     continue
-                await self.poll_once()
+                await self.poll_once(watch)
                 attempt = 0
-                mailbox = await self._connected()
+                mailbox = await self._connected(watch)
                 waiter = asyncio.create_task(mailbox.wait(self.settings.imap_poll_interval))
                 stopper = asyncio.create_task(self._stop.wait())
                 await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -468,7 +509,7 @@ class Worker:
                     "IMAP OAuth token unavailable: mail is NOT being read",
                     extra={"error": str(exc)[:200]},
                 )
-                await self._drop_connection()
+                await self._drop_connection(watch)
                 await self._sleep(backoff.delay(attempt))
             except MailboxAuthError as exc:
                 self._errors += 1
@@ -477,7 +518,7 @@ class Worker:
                     "IMAP login refused; check HELPDESK_IMAP_USER/PASSWORD",
                     extra={"error": str(exc)[:200]},
                 )
-                await self._drop_connection()
+                await self._drop_connection(watch)
                 await self._sleep(max(backoff.delay(attempt), 60.0 if backoff.base else 0.0))
             except (MailboxError, OSError, TimeoutError) as exc:
                 self._errors += 1
@@ -491,13 +532,13 @@ class Worker:
                         "delay": round(delay, 2),
                     },
                 )
-                await self._drop_connection()
+                await self._drop_connection(watch)
                 await self._sleep(delay)
             except Exception:
                 self._errors += 1
                 attempt += 1
                 log.exception("mailbox pass failed; retrying")
-                await self._drop_connection()
+                await self._drop_connection(watch)
                 await self._sleep(backoff.delay(attempt))
 
     async def _delivery_loop(self, lane: int, *, until: asyncio.Event) -> None:
