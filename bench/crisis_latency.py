@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
 import statistics
@@ -32,6 +31,7 @@ from helpdesk import migrations, oncall  # noqa: E402
 from helpdesk.config import load_settings  # noqa: E402
 from helpdesk.db import open_database  # noqa: E402
 from helpdesk.testing.dovecot import DovecotServer  # noqa: E402
+from helpdesk.testing.env import worker_env  # noqa: E402
 from helpdesk.testing.smtp import SmtpReceiver  # noqa: E402
 from tests.factories import SUPPORT, patient_mail  # noqa: E402
 
@@ -74,20 +74,13 @@ def main() -> None:
     latencies: list[float] = []
     with DovecotServer() as dovecot, SmtpReceiver() as smtp:
         account = dovecot.new_account("latency")
-        env = dict(os.environ)
-        env.update(
-            HELPDESK_DATABASE_URL=url,
-            HELPDESK_IMAP_HOST=account.host,
-            HELPDESK_IMAP_PORT=str(account.port),
-            HELPDESK_IMAP_USER=account.user,
-            HELPDESK_IMAP_PASSWORD=account.password,
-            HELPDESK_IMAP_SECURITY="none",
-            HELPDESK_SMTP_HOST=smtp.host,
-            HELPDESK_SMTP_PORT=str(smtp.port),
-            HELPDESK_SMTP_SECURITY="none",
-            HELPDESK_SUPPORT_ADDRESS=SUPPORT,
-            HELPDESK_SECRET_KEY="bench-secret",
-            HELPDESK_LOG_LEVEL="ERROR",
+        env = worker_env(
+            url,
+            account,
+            smtp,
+            support_address=SUPPORT,
+            secret_key="bench-secret",
+            log_level="ERROR",
         )
         worker = subprocess.Popen([sys.executable, "-m", "helpdesk.cli", "worker"], env=env)
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import resource
 import subprocess
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from helpdesk import migrations  # noqa: E402
 from helpdesk.config import load_settings  # noqa: E402
 from helpdesk.testing.dovecot import DovecotServer  # noqa: E402
+from helpdesk.testing.env import worker_env  # noqa: E402
 from helpdesk.testing.smtp import SmtpReceiver  # noqa: E402
 from tests.factories import SUPPORT, patient_mail  # noqa: E402
 
@@ -90,20 +90,7 @@ def run_one(n: int, database: str | None, workers: int) -> dict[str, object]:
         t0 = time.perf_counter()
         dovecot.append_many(account.user, account.password, mails)
         append_s = time.perf_counter() - t0
-        env = dict(os.environ)
-        env.update(
-            HELPDESK_DATABASE_URL=url,
-            HELPDESK_IMAP_HOST=account.host,
-            HELPDESK_IMAP_PORT=str(account.port),
-            HELPDESK_IMAP_USER=account.user,
-            HELPDESK_IMAP_PASSWORD=account.password,
-            HELPDESK_IMAP_SECURITY="none",
-            HELPDESK_SMTP_HOST=smtp.host,
-            HELPDESK_SMTP_PORT=str(smtp.port),
-            HELPDESK_SMTP_SECURITY="none",
-            HELPDESK_SUPPORT_ADDRESS=SUPPORT,
-            HELPDESK_LOG_LEVEL="WARNING",
-        )
+        env = worker_env(url, account, smtp, support_address=SUPPORT, log_level="WARNING")
         migrations.upgrade(load_settings(database_url=url))
         cmd = [sys.executable, "-m", "helpdesk.cli", "worker", "--once"]
         if PROFILE:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpdesk.testing.dovecot import ImapAccount
+from helpdesk.testing.env import worker_env
 from helpdesk.testing.smtp import SmtpReceiver
 from tests.factories import SUPPORT, patient_mail
 from tests.fixtures_dovecot import DovecotServer
@@ -34,20 +34,7 @@ def helpdesk(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 def env(
     database_url: str, imap_account: ImapAccount, smtp_receiver: SmtpReceiver
 ) -> dict[str, str]:
-    values = dict(os.environ)
-    values.update(
-        HELPDESK_DATABASE_URL=database_url,
-        HELPDESK_IMAP_HOST=imap_account.host,
-        HELPDESK_IMAP_PORT=str(imap_account.port),
-        HELPDESK_IMAP_USER=imap_account.user,
-        HELPDESK_IMAP_PASSWORD=imap_account.password,
-        HELPDESK_IMAP_SECURITY="none",
-        HELPDESK_SMTP_HOST=smtp_receiver.host,
-        HELPDESK_SMTP_PORT=str(smtp_receiver.port),
-        HELPDESK_SMTP_SECURITY="none",
-        HELPDESK_SUPPORT_ADDRESS=SUPPORT,
-    )
-    return values
+    return worker_env(database_url, imap_account, smtp_receiver, support_address=SUPPORT)
 
 
 def test_check_reports_each_service_on_one_line(env: dict[str, str]) -> None:

@@ -22,6 +22,7 @@ from sqlmodel import func, select
 from helpdesk.db import create_engine, session_factory
 from helpdesk.models import Message, Ticket
 from helpdesk.testing.dovecot import DovecotServer, ImapAccount
+from helpdesk.testing.env import worker_env as subprocess_env
 from helpdesk.testing.smtp import SmtpReceiver
 from tests.conftest import make_settings
 from tests.factories import SUPPORT, patient_mail
@@ -32,24 +33,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def worker_env(database_url: str, account: ImapAccount, smtp: SmtpReceiver) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HELPDESK_DATABASE_URL=database_url,
-        HELPDESK_IMAP_HOST=account.host,
-        HELPDESK_IMAP_PORT=str(account.port),
-        HELPDESK_IMAP_USER=account.user,
-        HELPDESK_IMAP_PASSWORD=account.password,
-        HELPDESK_IMAP_SECURITY="none",
-        HELPDESK_IMAP_POLL_INTERVAL="0.5",
-        HELPDESK_SMTP_HOST=smtp.host,
-        HELPDESK_SMTP_PORT=str(smtp.port),
-        HELPDESK_SMTP_SECURITY="none",
-        HELPDESK_SUPPORT_ADDRESS=SUPPORT,
-        HELPDESK_OUTBOX_RETRY_BASE_SECONDS="0.2",
-        HELPDESK_OUTBOX_RETRY_MAX_SECONDS="1",
-        HELPDESK_LOG_LEVEL="WARNING",
+    return subprocess_env(
+        database_url,
+        account,
+        smtp,
+        support_address=SUPPORT,
+        imap_poll_interval="0.5",
+        outbox_retry_base_seconds="0.2",
+        outbox_retry_max_seconds="1",
+        log_level="WARNING",
     )
-    return env
 
 
 def helpdesk_cmd(*args: str) -> list[str]:
