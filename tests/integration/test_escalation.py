@@ -1,8 +1,8 @@
 """Escalation against real databases: a SQLite file and, when reachable, PostgreSQL.
 
-Each test gets its own database built with ``SQLModel.metadata.create_all`` (PostgreSQL:
-a throwaway ``hd_esc_<random>`` database on the shared server, dropped afterwards). Time is
-an explicit fake ``now`` that the tests move forward.
+Each test gets its own migrated database (``database_url`` in tests/conftest.py: a SQLite
+file, or a throwaway database on the shared PostgreSQL, dropped afterwards). Time is an
+explicit fake ``now`` that the tests move forward.
 """
 
 from __future__ import annotations
@@ -12,218 +12,39 @@ import email
 import email.policy
 import json
 import logging
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 import pytest
 import typer
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel import SQLModel, col, select
+from sqlmodel import select
 from typer.testing import CliRunner
 
-from helpdesk import cli_oncall, escalation, oncall
-from helpdesk.compose import Identity
-from helpdesk.config import Settings, load_settings
+from helpdesk import cli_oncall, escalation, migrations, oncall
+from helpdesk.config import Settings
 from helpdesk.db import SessionFactory, create_engine, session_factory
 from helpdesk.errors import InvalidInputError, NotFoundError
 from helpdesk.models import Escalation, EscalationEvent, OnCallMember, Outbox, Ticket
-
-PG_ADMIN_DSN = os.environ.get("HELPDESK_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-SECRET = "test-secret-key-not-for-production"
-BASE_URL = "http://127.0.0.1:8000"
-IDENTITY = Identity(
-    address="help@clinic.test",
-    name="Clinic Support",
-    message_id_domain="clinic.test",
-    base_url=BASE_URL,
+from tests.integration.escalation_support import (
+    BASE_URL,
+    IDENTITY,
+    PATIENT_ADDR,
+    PATIENT_NAME,
+    PATIENT_SUBJECT,
+    ROTA,
+    SECRET,
+    T0,
+    Crisis,
+    add_rota,
+    at,
+    crisis_mail,
+    esc_settings,
+    events,
+    load,
+    new_ticket,
+    notices,
+    tick,
 )
-PATIENT_NAME = "Jane Q. Patientname"
-PATIENT_ADDR = "jane.patient@home.test"
-PATIENT_SUBJECT = "I took all my pills tonight"
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-@dataclass(frozen=True)
-class Crisis:
-    """Stands in for helpdesk.crisis.CrisisResult: the attributes escalation reads."""
-
-    tier: int | None
-    category: str | None = "overdose"
-    rule_ids: tuple[str, ...] = ("en.overdose.took_pills",)
-
-
-# --------------------------------------------------------------------------- databases
-
-
-async def _pg_admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-def _pg_reachable() -> bool:
-    try:
-        asyncio.run(_pg_admin("select 1"))
-    except Exception:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def pg_reachable() -> bool:
-    return _pg_reachable()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_reachable: bool) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'esc.db'}"
-        return
-    if not pg_reachable:
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
-    name = f"hd_esc_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_ADMIN_DSN.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
-    finally:
-        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def esc_settings(url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": url,
-        "support_address": "help@clinic.test",
-        "secret_key": SECRET,
-        "base_url": BASE_URL,
-        "escalation_repeats": 2,
-    }
-    values.update(overrides)
-    return load_settings(**values)
-
-
-async def _create_all(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all)
-
-
-@pytest.fixture
-def cfg(db_url: str) -> Settings:
-    return esc_settings(db_url)
-
-
-@pytest.fixture
-async def db(cfg: Settings) -> AsyncIterator[SessionFactory]:
-    engine = create_engine(cfg)
-    await _create_all(engine)
-    try:
-        yield session_factory(engine)
-    finally:
-        await engine.dispose()
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-async def add_rota(db: SessionFactory, rota: dict[int, list[str]]) -> None:
-    async with db() as s:
-        for level, emails in rota.items():
-            for email in emails:
-                await oncall.add_member(s, email=email, level=level)
-        await s.commit()
-
-
-ROTA = {
-    1: ["primary@clinic.test"],
-    2: ["backup@clinic.test"],
-    3: ["a@clinic.test", "b@clinic.test"],
-}
-
-
-async def new_ticket(db: SessionFactory, reference: str = "HD-1042") -> int:
-    async with db() as s:
-        ticket = Ticket(
-            reference=reference,
-            subject=PATIENT_SUBJECT,
-            requester=PATIENT_ADDR,
-            requester_name=PATIENT_NAME,
-            created_at=T0,
-            updated_at=T0,
-            last_message_at=T0,
-            due_at=T0,
-        )
-        s.add(ticket)
-        await s.commit()
-        assert ticket.id is not None
-        return ticket.id
-
-
-async def crisis_mail(
-    db: SessionFactory,
-    ticket_id: int,
-    cfg: Settings,
-    *,
-    now: datetime = T0,
-    tier: int = 1,
-    category: str = "overdose",
-) -> escalation.EscalationOutcome:
-    """What the pipeline does for one crisis mail: open_or_update inside its transaction."""
-    async with db() as s:
-        ticket = await s.get(Ticket, ticket_id)
-        assert ticket is not None
-        outcome = await escalation.open_or_update(
-            s,
-            ticket=ticket,
-            result=Crisis(tier=tier, category=category),  # type: ignore[arg-type]
-            received_at=now,
-            now=now,
-            identity=IDENTITY,
-            settings=cfg,
-        )
-        await s.commit()
-        return outcome
-
-
-async def tick(db: SessionFactory, cfg: Settings, now: datetime, worker: str = "w1") -> int:
-    return await escalation.run_due(
-        sessions=db, now=now, identity=IDENTITY, settings=cfg, worker_id=worker
-    )
-
-
-async def notices(db: SessionFactory) -> list[Outbox]:
-    async with db() as s:
-        rows = await s.exec(select(Outbox).order_by(col(Outbox.id)))
-        return list(rows.all())
-
-
-async def events(db: SessionFactory, ticket_id: int) -> list[tuple[str, int, str]]:
-    async with db() as s:
-        return [
-            (e.kind, e.level, e.recipient) for e in await escalation.escalation_events(s, ticket_id)
-        ]
-
-
-async def load(db: SessionFactory, ticket_id: int) -> tuple[Ticket, Escalation]:
-    async with db() as s:
-        ticket = await s.get(Ticket, ticket_id)
-        esc = await escalation.get_for_ticket(s, ticket_id)
-        assert ticket is not None
-        assert esc is not None
-        return ticket, esc
-
 
 # --------------------------------------------------------------------------- opening
 
@@ -607,13 +428,7 @@ async def test_rota_data_access(db: SessionFactory) -> None:
 @pytest.fixture
 def cli(tmp_path: Path) -> tuple[typer.Typer, Settings]:
     cfg = esc_settings(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
-
-    async def _setup() -> None:
-        engine = create_engine(cfg)
-        await _create_all(engine)
-        await engine.dispose()
-
-    asyncio.run(_setup())
+    migrations.upgrade(cfg)
     parent = typer.Typer()
 
     @parent.callback()

@@ -3,174 +3,34 @@ thread), with the database on a SQLite file (and PostgreSQL when reachable)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import socket
 import threading
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmodel import SQLModel
 
 from helpdesk import escalation, oncall
-from helpdesk.compose import Identity
-from helpdesk.config import Settings, load_settings
-from helpdesk.db import SessionFactory, create_engine, session_factory
-from helpdesk.models import Ticket
+from helpdesk.config import Settings
+from helpdesk.db import SessionFactory
 from helpdesk.webhook import RetryPolicy, deliver_webhooks
-
-PG_ADMIN_DSN = os.environ.get("HELPDESK_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-SECRET = "test-secret-key-not-for-production"
-IDENTITY = Identity(
-    address="help@clinic.test",
-    name="Clinic Support",
-    message_id_domain="clinic.test",
-    base_url="http://127.0.0.1:8000",
+from tests.integration.escalation_support import (  # the same rota, tickets, clock
+    IDENTITY,
+    PATIENT_ADDR,
+    PATIENT_NAME,
+    PATIENT_SUBJECT,
+    SECRET,
+    T0,
+    add_rota,
+    at,
+    crisis_mail,
+    esc_settings,
+    new_ticket,
+    tick,
 )
-PATIENT_NAME = "Jane Q. Patientname"
-PATIENT_ADDR = "jane.patient@home.test"
-PATIENT_SUBJECT = "I took all my pills tonight"
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-@dataclass(frozen=True)
-class Crisis:
-    """Stands in for helpdesk.crisis.CrisisResult: the attributes escalation reads."""
-
-    tier: int | None
-    category: str | None = "overdose"
-    rule_ids: tuple[str, ...] = ("en.overdose.took_pills",)
-
-
-# --------------------------------------------------------------------------- databases
-# (the same per-test databases as tests/integration/test_escalation.py)
-
-
-async def _pg_admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-def pg_reachable() -> bool:
-    try:
-        asyncio.run(_pg_admin("select 1"))
-    except Exception:
-        return False
-    return True
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_reachable: bool) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'hook.db'}"
-        return
-    if not pg_reachable:
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
-    name = f"hd_esc_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    try:
-        base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-        yield f"{base}/{name}"
-    finally:
-        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def esc_settings(url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": url,
-        "support_address": "help@clinic.test",
-        "secret_key": SECRET,
-        "base_url": "http://127.0.0.1:8000",
-        "escalation_repeats": 2,
-    }
-    values.update(overrides)
-    return load_settings(**values)
-
-
-@pytest.fixture
-def cfg(db_url: str) -> Settings:
-    return esc_settings(db_url)
-
-
-@pytest.fixture
-async def db(cfg: Settings) -> AsyncIterator[SessionFactory]:
-    engine = create_engine(cfg)
-    async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all)
-    try:
-        yield session_factory(engine)
-    finally:
-        await engine.dispose()
-
-
-async def add_rota(db: SessionFactory, rota: dict[int, list[str]]) -> None:
-    async with db() as s:
-        for level, emails in rota.items():
-            for address in emails:
-                await oncall.add_member(s, email=address, level=level)
-        await s.commit()
-
-
-async def new_ticket(db: SessionFactory, reference: str = "HD-1042") -> int:
-    async with db() as s:
-        ticket = Ticket(
-            reference=reference,
-            subject=PATIENT_SUBJECT,
-            requester=PATIENT_ADDR,
-            requester_name=PATIENT_NAME,
-        )
-        s.add(ticket)
-        await s.commit()
-        assert ticket.id is not None
-        return ticket.id
-
-
-async def crisis_mail(
-    db: SessionFactory,
-    ticket_id: int,
-    cfg: Settings,
-    *,
-    now: datetime = T0,
-    category: str = "overdose",
-) -> escalation.EscalationOutcome:
-    async with db() as s:
-        ticket = await s.get(Ticket, ticket_id)
-        assert ticket is not None
-        outcome = await escalation.open_or_update(
-            s,
-            ticket=ticket,
-            result=Crisis(tier=1, category=category),  # type: ignore[arg-type]
-            received_at=now,
-            now=now,
-            identity=IDENTITY,
-            settings=cfg,
-        )
-        await s.commit()
-        return outcome
-
-
-async def tick(db: SessionFactory, cfg: Settings, now: datetime) -> int:
-    return await escalation.run_due(
-        sessions=db, now=now, identity=IDENTITY, settings=cfg, worker_id="w1"
-    )
-
 
 FAST = RetryPolicy(attempts=3, wait=0, timeout=2.0)
 
