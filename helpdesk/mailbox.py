@@ -115,6 +115,21 @@ class Mailbox(Protocol):
     def has_idle(self) -> bool: ...
 
 
+async def wait_or_stop(mailbox: Mailbox, timeout: float, stop: asyncio.Event) -> bool:  # noqa: ASYNC109 - IDLE needs the deadline
+    """``mailbox.wait(timeout)`` that returns early (False) once ``stop`` is set. A failure of
+    the wait itself (a dropped connection) is raised, so the caller reconnects."""
+    waiter = asyncio.ensure_future(mailbox.wait(timeout))
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if waiter.done():
+        return waiter.result()
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await waiter
+    return False
+
+
 def plan_fetch(
     stored_uidvalidity: int | None, server_uidvalidity: int, last_uid: int
 ) -> tuple[int, bool]:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from helpdesk.mailbox import Backoff, ImapMailbox, MailboxError
+from helpdesk.mailbox import Backoff, ImapMailbox, MailboxError, wait_or_stop
 from helpdesk.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,7 @@ class CrisisScout:
                     await mailbox.connect()
                 await self.scan(mailbox)
                 attempt = 0
-                waiter = asyncio.ensure_future(mailbox.wait(self.idle_timeout))
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if not waiter.done():
-                    waiter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await waiter
-                else:
-                    waiter.result()
+                await wait_or_stop(mailbox, self.idle_timeout, stop)
             except (MailboxError, OSError, TimeoutError) as exc:
                 attempt += 1
                 log.warning("crisis scout reconnecting", extra={"error": type(exc).__name__})

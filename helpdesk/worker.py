@@ -41,6 +41,7 @@ from helpdesk.mailbox import (
     MailboxAuthError,
     MailboxError,
     plan_fetch,
+    wait_or_stop,
 )
 from helpdesk.models import WorkerHeartbeat, utcnow
 from helpdesk.oauth import OAuthTokenError, TokenSource
@@ -492,16 +493,7 @@ class Worker:
                 await self.poll_once(watch)
                 attempt = 0
                 mailbox = await self._connected(watch)
-                waiter = asyncio.create_task(mailbox.wait(self.settings.imap_poll_interval))
-                stopper = asyncio.create_task(self._stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if not waiter.done():
-                    waiter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await waiter
-                else:
-                    waiter.result()
+                await wait_or_stop(mailbox, self.settings.imap_poll_interval, self._stop)
             except OAuthTokenError as exc:
                 self._errors += 1
                 attempt += 1
