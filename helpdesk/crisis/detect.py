@@ -120,16 +120,27 @@ def _scan(
     sp = spaced(text)
     masked: list[tuple[int, int]] | None = None
     out: list[tuple[CrisisHit, bool]] = []
-    for ui in sorted(found):
+    # A rule's alternatives run as separate units; like one regex scan, a rule reports
+    # non-overlapping matches: the earliest first, the longest at the same start.
+    by_rule: dict[int, list[tuple[int, int]]] = {}
+    for ui in found:
         unit = lex.units[ui]
-        rule = lex.rules[unit.rule]
-        for m in _matches(unit, text, found[ui], ends, sp):
-            a, z = norm.span(m.start(), m.end())
+        spans = [m.span() for m in _matches(unit, text, found[ui], ends, sp)]
+        if spans:
+            by_rule.setdefault(unit.rule, []).extend(spans)
+    for ri in sorted(by_rule):
+        rule = lex.rules[ri]
+        last = -1
+        for start, end in sorted(by_rule[ri], key=lambda se: (se[0], -se[1])):
+            if start < last:
+                continue
+            last = end
+            a, z = norm.span(start, end)
             if masked is None:
                 masked = template_spans(raw, own_templates)
             if _overlaps(a, z, masked):
                 continue
-            v = assess(rule, text, m.start(), m.end(), lex.context, any_drop_reason=True)
+            v = assess(rule, text, start, end, lex.context, any_drop_reason=True)
             if v.keep:
                 hit = CrisisHit(rule.id, rule.category, v.tier, field, a, z, v.reason)
                 out.append((hit, rule.generic))

@@ -31,11 +31,15 @@ from typing import Any
 
 from helpdesk.crisis.normalise import FuzzyIndex
 from helpdesk.crisis.prefilter import (
+    USEFUL_PRESENCE,
     LiteralIndex,
+    branches,
     first_literals,
     gate_groups,
+    necessary_literals,
     presence_regex,
     quick_start,
+    set_cost,
 )
 
 __all__ = ["CATEGORIES", "Context", "Lexicon", "LexiconError", "Rule", "load_lexicon"]
@@ -60,6 +64,7 @@ MEDICAL = frozenset(
 _HEAD = itemgetter(slice(0, 3))
 _MACRO = re.compile(r"%([a-z_]+)%")
 _SPACE = r"[\s\-_*]+"
+_ANCHOR_BONUS = 3.0
 
 
 class LexiconError(ValueError):
@@ -216,18 +221,35 @@ def parse_lexicon(data: Mapping[str, Any]) -> Lexicon:
     units: list[Unit] = []
     gates: list[tuple[int, list[frozenset[tuple[str, bool]]]]] = []
     for i, r in enumerate(rules):
-        groups = gate_groups(r.regex) or [frozenset((t, True) for t in r.triggers)]
-        first = first_literals(r.regex)
-        if first is not None:
-            # every match starts at one of these words: try it there alone
-            lead = frozenset((w, True) for w in first)
-            units.append(Unit(i, r.regex, anchored=True))
-            gates.append((i, [lead, *[g for g in groups if g != lead]]))
-        else:
-            presence = tuple(presence_regex(g) for g in groups[1:])
-            # The same matches, found faster (a look-ahead on the possible first letters).
-            units.append(Unit(i, quick_start(r.regex), presence))
-            gates.append((i, groups))
+        # Each top-level alternative is its own unit, gated by its own rarest literals:
+        # a rule's commonest alternative no longer decides where all the others run.
+        for rx in branches(r.regex):
+            groups = gate_groups(rx) or [frozenset((t, True) for t in r.triggers)]
+            # A hit is dropped unless its sentence matches every ``also`` pattern, so
+            # what those force is a (sound) presence gate too.
+            context_groups = [g for a in r.also if (g := necessary_literals(a)) is not None]
+            first = first_literals(rx)
+            lead = frozenset((w, True) for w in first) if first is not None else None
+            positional = groups[0]
+            if lead is not None and set_cost(lead) <= _ANCHOR_BONUS * set_cost(positional):
+                # every match starts at one of these words: trying it there alone is
+                # cheaper than a window scan, worth a somewhat commoner gate
+                positional = lead
+            # Presence gates only pay for themselves when they are rare. What the match
+            # itself forces is also looked for in the window around a trigger; what
+            # ``also`` forces may be anywhere in the sentence, so only in the text.
+            in_match = [g for g in groups if g != positional and set_cost(g) < USEFUL_PRESENCE]
+            in_text = [
+                g
+                for g in context_groups
+                if g != positional and g not in in_match and set_cost(g) < USEFUL_PRESENCE
+            ]
+            gates.append((len(units), [positional, *in_match, *in_text]))
+            if positional == lead:
+                units.append(Unit(i, rx, anchored=True))
+            else:
+                # The same matches, found faster (a look-ahead on the possible first letters).
+                units.append(Unit(i, quick_start(rx), tuple(map(presence_regex, in_match))))
     fz = data.get("fuzzy", {})
     return Lexicon(
         version=str(data.get("version", "unknown")),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -33,13 +34,16 @@ sre: Any = importlib.import_module("re._constants")
 sre_parse: Any = importlib.import_module("re._parser")
 
 __all__ = [
+    "USEFUL_PRESENCE",
     "LiteralIndex",
+    "branches",
     "first_literals",
     "gate_groups",
     "literal_key",
     "necessary_literals",
     "presence_regex",
     "quick_start",
+    "set_cost",
     "spaced",
 ]
 
@@ -59,6 +63,15 @@ _COMMON = frozenset(
     left right work home phone send sent sure tell told ask asked same new old
     para que con los las por una del mas pero sus mis esta este todo como muy sin hay
     tengo estoy quiero puedo necesito cita favor gracias hola mi me se le lo la el en de
+    i'm i've i'll i'd ive ill isn aren wasn weren don doesn didn won wouldn couldn can't
+    cannot not none nothing never again always around here everyone everybody people
+    family kids they said says say stop end ending still able unable without our ours
+    mine myself yourself everything something anything all every both few many most
+    is am be being been do doing going got into onto upon under just should might must
+    ready right next front hand hands life live living morning night tonight week days
+    it this that these its who whom whose where there which while when then than though
+    tome tomo toma tomar tomando dosis vez veces otra otro mejor ganas deseo pienso pense
+    dia dias noche semana mes meses ano anos hoy ahora siempre nada nadie todos todas
     """.split()  # noqa: SIM905 - a word list reads and diffs better as text
 )
 _UNKNOWN = None
@@ -70,21 +83,42 @@ Literal = tuple[str, bool]
 
 
 def _cost(lit: Literal) -> float:
-    """A rough guess of how often ``lit`` occurs in patient mail (lower is rarer)."""
-    core = lit[0].strip(" '")
-    if len(core) < 3:
-        base = 50.0
-    elif core in _COMMON:
-        base = 20.0
-    else:
-        base = {3: 3.0, 4: 1.0}.get(len(core), 0.3)
-    return base if lit[1] else base * 4
+    """A rough guess of how often ``lit`` occurs in patient mail (lower is rarer).
+
+    Short words are common and short word pieces (``ing``, ``ood``) far more so: a
+    piece that need not start a word is found inside many other words. Each further
+    word of a phrase makes it much rarer than its rarest word.
+    """
+    words = lit[0].replace("'", " ").split()
+    if not words:
+        return 200.0
+    costs = [_word_cost(w, lit[1] or i > 0) for i, w in enumerate(words)]
+    return min(costs) * 0.15 ** (len(words) - 1)
+
+
+def _word_cost(core: str, word_start: bool) -> float:
+    if word_start:
+        if len(core) < 3:
+            return 50.0
+        if core in _COMMON:
+            return 20.0
+        return {3: 4.0, 4: 1.0}.get(len(core), 0.3)
+    return {0: 200.0, 1: 200.0, 2: 100.0, 3: 40.0, 4: 8.0, 5: 2.0}.get(len(core), 0.6)
 
 
 def _usable(lit: Literal) -> bool:
     """Long enough to gate: three characters, or two at the start of a word."""
     n = len(lit[0].strip(" '"))
     return n >= 3 or (n == 2 and lit[1])
+
+
+def set_cost(lits: frozenset[Literal]) -> float:
+    """A rough guess of how often some literal of ``lits`` occurs (lower is rarer)."""
+    return _set_cost(lits)
+
+
+# A presence gate this common is nearly always met: it would only slow the scan down.
+USEFUL_PRESENCE = 40.0
 
 
 def _set_cost(lits: frozenset[Literal]) -> float:
@@ -107,30 +141,89 @@ def _separator(op: Any, av: Any) -> bool:
     return False
 
 
+_MAX_RUN = 64
+
+
+def _finite(items: Sequence[tuple[Any, Any]]) -> set[str] | None:
+    """Every text ``items`` can match when that is a small finite set, else None.
+
+    A separator (see ``_separator``) counts as one space: literals are looked for in
+    text whose separator runs are squeezed to one space.
+    """
+    out = {""}
+    for op, av in items:
+        if op is sre.AT:
+            continue
+        got: set[str] | None
+        if op is sre.LITERAL:
+            got = {chr(av)}
+        elif _separator(op, av):
+            got = {" "}
+        elif op is sre.SUBPATTERN:
+            got = _finite(av[-1])
+        elif op is sre.BRANCH:
+            got = set()
+            for alt in av[1]:
+                sub = _finite(alt)
+                if sub is None:
+                    return None
+                got |= sub
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT) and av[0] == 0 and av[1] == 1:
+            sub = _finite(av[2])
+            got = None if sub is None else sub | {""}
+        else:
+            return None
+        if got is None or len(out) * len(got) > _MAX_RUN:
+            return None
+        out = {a + b for a in out for b in got}
+    return out
+
+
+def _literals(texts: Iterable[str], boundary: bool) -> frozenset[Literal]:
+    """Texts of a run as literals: separator runs as one space, a leading one a word start."""
+    out = set()
+    for t in texts:
+        squeezed_text = " ".join(t.split(" ")) if "  " in t else t
+        while "  " in squeezed_text:
+            squeezed_text = squeezed_text.replace("  ", " ")
+        word_start = boundary or squeezed_text.startswith(" ")
+        out.add((squeezed_text.lstrip(" "), word_start))
+    return frozenset(out)
+
+
 def _necessary(items: Iterable[tuple[Any, Any]], boundary: bool) -> frozenset[Literal] | None:
     """Literals one of which every match of ``items`` contains, or None.
 
-    ``boundary``: the text just before ``items`` is a word boundary.
+    ``boundary``: the text just before ``items`` is a word boundary. Consecutive parts
+    with a small finite set of texts (literals, separators, short alternations and
+    optional parts) make one run whose texts are the literals: "can't go on" is far
+    rarer than any of its words.
     """
     options: list[frozenset[Literal]] = []
-    run: list[str] = []
+    run: set[str] | None = None
     run_boundary = boundary
 
     def flush() -> None:
-        if run:
-            options.append(frozenset({("".join(run), run_boundary)}))
-            run.clear()
+        nonlocal run
+        if run is not None:
+            options.append(_literals(run, run_boundary))
+            run = None
 
     for op, av in items:
-        if op is sre.LITERAL:
-            if not run:
-                run_boundary = boundary
-            run.append(chr(av))
-            boundary = False
-            continue
         if op is sre.AT:  # zero-width: the literal run goes on
-            if av is sre.AT_BOUNDARY and not run:
+            if av is sre.AT_BOUNDARY and run is None:
                 boundary = True
+            continue
+        fin = _finite([(op, av)])
+        if fin is not None and (run is not None or fin != {" "}):
+            if run is None:
+                run, run_boundary = {""}, boundary
+            if len(run) * len(fin) <= _MAX_RUN:
+                run = {a + b for a in run for b in fin}
+                boundary = fin == {" "}
+                continue
+        if fin == {" "}:
+            boundary = True
             continue
         flush()
         found: frozenset[Literal] | None = None
@@ -176,6 +269,18 @@ def _lead(items: Sequence[tuple[Any, Any]]) -> set[str] | None:
         if tails is None or len(tails) > _MAX_LEADS:
             return {head}
         return {head + t for t in tails}
+    if op in (sre.MAX_REPEAT, sre.MIN_REPEAT) and av[0] == 0 and av[1] == 1:
+        # an optional part: leads with it and leads without it ("can'?t")
+        opt = _finite(av[2])
+        tails = _lead(items[i + 1 :]) if i + 1 < len(items) else {""}
+        if opt is None or tails is None or len(opt) * len(tails) > _MAX_LEADS:
+            return None
+        return {o + t for o in opt | {""} for t in tails}
+    if _separator(op, av):  # a separator inside a lead is one space (squeezed text)
+        tails = _lead(items[i + 1 :]) if i + 1 < len(items) else {""}
+        if tails is None or len(tails) > _MAX_LEADS:
+            return {" "}
+        return {" " + t for t in tails}
     if op is sre.SUBPATTERN:
         return _lead(list(av[-1]))
     if op is sre.BRANCH:
@@ -334,15 +439,28 @@ _NON_WORD = re.compile(r"[\W_]")
 
 
 def literal_key(lit: Literal) -> str:
-    """How ``lit`` is looked for in ``spaced`` text: after a space when it starts a word."""
-    key = spaced(lit[0])[1:]
-    return " " + key if lit[1] else key
+    """How ``lit`` is looked for in squeezed ``spaced`` text: after a space when it starts
+    a word, every run of separators (apostrophes included) as one space."""
+    key = " ".join(spaced(lit[0]).split(" ")[1:])
+    while "  " in key:
+        key = key.replace("  ", " ")
+    return " " + key.lstrip(" ") if lit[1] else key
 
 
 def presence_regex(group: frozenset[Literal]) -> re.Pattern[str]:
-    """A regex finding any literal of ``group`` in ``spaced`` text."""
+    """A regex finding any literal of ``group`` in ``spaced`` text.
+
+    Separators inside a literal match a run of spaces (``spaced`` does not squeeze).
+    """
     keys = sorted({literal_key(lit) for lit in group}, key=lambda k: (-len(k), k))
-    return re.compile("|".join(map(re.escape, keys)))
+    return re.compile("|".join(_presence_key(k) for k in keys))
+
+
+def _presence_key(key: str) -> str:
+    head = " " if key.startswith(" ") else ""
+    body = key[len(head) :]
+    inner = " +".join(re.escape(w) for w in body.split(" "))
+    return head + inner
 
 
 def spaced(text: str) -> str:
@@ -350,6 +468,45 @@ def spaced(text: str) -> str:
     if text.isascii():
         return " " + text.encode("ascii").translate(_SPACING).decode("ascii")
     return " " + _NON_WORD.sub(" ", text)
+
+
+_RUNS = re.compile("  +")
+
+
+class Squeezed:
+    """``spaced(text)`` with each run of spaces as one, and the way back to ``spaced``.
+
+    The map back is built on first use: most texts need no offsets at all.
+    """
+
+    __slots__ = ("_origins", "_spaced", "_starts", "text")
+
+    def __init__(self, text: str) -> None:
+        self._spaced = spaced(text)
+        self.text = _RUNS.sub(" ", self._spaced)
+        self._starts: list[int] | None = None
+        self._origins: list[int] = []
+
+    def unsqueeze(self, key: str, end: int) -> int:
+        """A key's end here -> the end it would have in ``spaced`` text.
+
+        That is where its first character came from plus its length (what the shifts
+        expect).
+        """
+        if len(self.text) == len(self._spaced):
+            return end
+        if self._starts is None:
+            starts, origins = [0], [0]
+            removed = 0
+            for m in _RUNS.finditer(self._spaced):
+                removed += m.end() - m.start() - 1
+                starts.append(m.end() - removed)
+                origins.append(m.end())
+            self._starts, self._origins = starts, origins
+        back = len(key) - 2 if key[0] == " " else len(key) - 1
+        q = end - back
+        i = bisect_right(self._starts, q) - 1
+        return self._origins[i] + q - self._starts[i] + back
 
 
 class _Scanner(Protocol):
@@ -385,45 +542,60 @@ def _scanner(keys: Sequence[str]) -> _Scanner:
 class LiteralIndex:
     """All rules' literals, looked for in one pass over a text.
 
-    Each rule has one *positional* gate (where its regex is tried) and any number of
-    *presence* gates (more literal sets its matches all need: the rule is skipped unless
-    each of them occurs somewhere in the text).
+    Each unit has one *positional* gate (where its regex is tried) and any number of
+    *presence* gates (more literal sets its matches all need: the unit is skipped unless
+    each of them occurs somewhere in the text). When a presence gate is much rarer than
+    the positional one, only the presence gates are in the one-pass scan; the positional
+    literals are looked for (``str.find``) only in texts that passed them, so common
+    words cost nothing in the many mails without the rare one.
     """
 
-    __slots__ = ("_keys", "_payload", "_presence", "_scan")
+    __slots__ = ("_deferred", "_keys", "_payload", "_presence", "_scan")
 
     def __init__(self, units: Sequence[tuple[int, Sequence[frozenset[Literal]]]]) -> None:
         # A unit is (unit index, [positional gate, presence gate, ...]).
         index: dict[str, int] = {}
         payload: list[list[tuple[int, int, int]]] = []
         needs: list[int] = []
+        deferred: dict[int, tuple[tuple[str, int], ...]] = {}
 
         def key_of(lit: Literal) -> tuple[int, int]:
             key = literal_key(lit)
             if key not in index:
                 index[key] = len(index)
                 payload.append([])
-            # key end - shift is the literal's offset in the unspaced text
-            return index[key], len(key) - 1 if lit[1] else len(key)
+            return index[key], _shift(key, lit)
 
         for u, (_, groups) in enumerate(units):
             needs.append(len(groups) - 1)
+            positional, presence = groups[0], groups[1:]
+            defer = bool(presence) and min(map(_set_cost, presence)) * _DEFER_RATIO < _set_cost(
+                positional
+            )
+            if defer:
+                keyed = {(literal_key(lit), lit) for lit in positional}
+                deferred[u] = tuple(sorted({(k, _shift(k, lit)) for k, lit in keyed}))
             for g, group in enumerate(groups):
+                if g == 0 and defer:
+                    continue
                 for lit in group:
                     k, shift = key_of(lit)
                     payload[k].append((u, g, shift))
         self._keys = tuple(index)
         self._payload = tuple(tuple(p) for p in payload)
         self._presence = tuple(needs)
+        self._deferred = deferred
         self._scan = _scanner(self._keys)
 
     def candidates(self, text: str) -> dict[int, list[int]]:
-        """Rule index -> offsets in ``text`` of its positional literals.
+        """Unit index -> offsets in ``text`` of its positional literals.
 
-        Only rules whose presence gates are all met are returned.
+        Only units whose presence gates are all met are returned.
         """
+        sqz = Squeezed(text)
+        sq = sqz.text
         ends: dict[int, list[int]] = {}
-        for end, k in self._scan.iter(spaced(text)):
+        for end, k in self._scan.iter(sq):
             if k in ends:
                 ends[k].append(end)
             else:
@@ -443,10 +615,136 @@ class LiteralIndex:
                     where[u] = [(k, shift)]
         needs = self._presence
         out: dict[int, list[int]] = {}
+        squeezed_any = len(sq) != len(text) + 1
+        unsqueezed: dict[int, list[int]] = {}
+        keys = self._keys
         for u, ks in where.items():
             if needs[u] and seen.get(u, 0) != (1 << (needs[u] + 1)) - 2:
                 continue
             ps = out.setdefault(u, [])
             for k, shift in ks:
-                ps.extend([e - shift for e in ends[k]])
+                es = ends[k]
+                if squeezed_any:
+                    got = unsqueezed.get(k)
+                    if got is None:
+                        got = [sqz.unsqueeze(keys[k], e) for e in es]
+                        unsqueezed[k] = got
+                    es = got
+                ps.extend([e - shift for e in es])
+        for u, dkeys in self._deferred.items():
+            if seen.get(u, 0) != (1 << (needs[u] + 1)) - 2:
+                continue
+            ps = []
+            for key, shift in dkeys:
+                p = sq.find(key)
+                while p >= 0:
+                    e = p + len(key) - 1
+                    if squeezed_any:
+                        e = sqz.unsqueeze(key, e)
+                    ps.append(e - shift)
+                    p = sq.find(key, p + 1)
+            if ps:
+                out[u] = ps
         return out
+
+
+# A presence gate this many times rarer than the positional one goes first (see above).
+_DEFER_RATIO = 2.0
+
+
+def _shift(key: str, lit: Literal) -> int:
+    """Key end minus this is the literal's offset in the text (``spaced`` adds one)."""
+    return len(key) - 1 if lit[1] else len(key)
+
+
+def _split_top(source: str) -> list[str]:
+    """``source`` cut at its top-level ``|`` (outside groups and classes)."""
+    parts: list[str] = []
+    depth = 0
+    start = 0
+    i = 0
+    in_class = False
+    while i < len(source):
+        c = source[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            if source[i + 1 : i + 2] == "^":
+                i += 1
+            if source[i + 1 : i + 2] == "]":  # a literal ] first in a class
+                i += 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            parts.append(source[start:i])
+            start = i + 1
+        i += 1
+    parts.append(source[start:])
+    return parts
+
+
+def branches(rx: re.Pattern[str]) -> list[re.Pattern[str]]:
+    """The top-level alternatives of ``rx``, each compiled alone (``[rx]`` when none).
+
+    Every match of ``rx`` is a match of one alternative at the same offset, so running
+    each alternative under its own (rarer) gates finds at least what ``rx`` finds.
+    A pattern whose parse does not agree with the textual cut is kept whole.
+    """
+    source = rx.pattern
+    while True:  # one wrapping non-capturing group: look inside it
+        inner = _split_top(source)
+        if len(inner) == 1 and source.startswith("(?:") and source.endswith(")"):
+            candidate = source[3:-1]
+            try:
+                re.compile(candidate, rx.flags)
+            except re.error:
+                break
+            if _balanced(candidate):
+                source = candidate
+                continue
+        break
+    parts = _split_top(source)
+    if len(parts) < 2:
+        return [rx]
+    try:
+        compiled = [re.compile(p, rx.flags) for p in parts]
+    except re.error:  # the textual cut went wrong somewhere: keep the pattern whole
+        return [rx]
+    if rx.groups != sum(p.groups for p in compiled):
+        return [rx]
+    return compiled
+
+
+def _balanced(source: str) -> bool:
+    """True when ``source`` has no unmatched ``)`` at any point (outside classes)."""
+    depth = 0
+    i = 0
+    in_class = False
+    while i < len(source):
+        c = source[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if source[i + 1 : i + 2] == "^":
+                i += 1
+            if source[i + 1 : i + 2] == "]":
+                i += 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+        i += 1
+    return depth == 0

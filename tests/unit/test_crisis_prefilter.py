@@ -29,10 +29,17 @@ def _rx(src: str) -> re.Pattern[str]:
 @pytest.mark.parametrize(
     ("src", "expected"),
     [
-        (r"\bsuicid(?:e|al)\b", {("suicid", True)}),
-        (r"\b(?:cut|burn)[\s\-_*]+my[\s\-_*]+wrists?\b", {("wrist", True)}),
+        (r"\bsuicid(?:e|al)\b", {("suicide", True), ("suicidal", True)}),
+        # words, separators and small alternations make one phrase: far rarer than a word
+        (
+            r"\b(?:cut|burn)[\s\-_*]+my[\s\-_*]+wrists?\b",
+            {("cut my wrist", True), ("cut my wrists", True)}
+            | {("burn my wrist", True), ("burn my wrists", True)},
+        ),
+        (r"\bcan'?t[\s\-_*]+go[\s\-_*]+on\b", {("can't go on", True), ("cant go on", True)}),
         (r"\b(?:chest|heart)\b", {("chest", True), ("heart", True)}),
-        (r"x?abc", {("abc", False)}),
+        (r"\bx?abc", {("abc", True), ("xabc", True)}),
+        (r"\b\w+ing[\s\-_*]+pills", {("ing pills", False)}),
     ],
 )
 def test_necessary_literals(src: str, expected: set[tuple[str, bool]]) -> None:
@@ -100,14 +107,56 @@ def _labelled_texts() -> list[str]:
     return out
 
 
+def _spread(text: str) -> str:
+    """``text`` with separators doubled and varied: squeezing must undo all of it."""
+    return text.replace(" ", " \n ").replace("-", " - ")
+
+
 def test_gate_never_hides_a_rule_that_matches() -> None:
-    """Every rule whose pattern matches a labelled mail is among the candidates."""
+    """Every unit whose regex matches a labelled mail is a candidate there, with a
+    position inside its match (anchored units: at its start), unless the rule's ``also``
+    context is missing from the text (then no hit could be kept anyway)."""
     lex = load_lexicon()
     for raw in _labelled_texts():
-        text = normalise(raw, lex.fuzzy).text
-        units = lex.candidates(text)
-        active = {lex.units[u].rule for u in units}
-        for i, rule in enumerate(lex.rules):
-            m = rule.regex.search(text)
-            if m is not None and m.end() > m.start():
-                assert i in active, (rule.id, m.group())
+        for variant in (raw, _spread(raw)):
+            text = normalise(variant, lex.fuzzy).text
+            found = lex.candidates(text)
+            for u, unit in enumerate(lex.units):
+                rule = lex.rules[unit.rule]
+                if not all(a.search(text) for a in rule.also):
+                    continue
+                for m in unit.regex.finditer(text):
+                    if m.end() == m.start():
+                        continue
+                    assert u in found, (rule.id, m.group())
+                    if unit.anchored:
+                        assert m.start() in found[u], (rule.id, m.group(), found[u])
+                    else:
+                        assert any(m.start() - 130 <= p <= m.end() + 130 for p in found[u]), (
+                            rule.id,
+                            m.group(),
+                        )
+
+
+def test_branches_cut_only_at_the_top_level() -> None:
+    parts = prefilter.branches(_rx(r"(?:\bgo[|] on|x(?:y|z)|\(a\|b\))"))
+    assert [p.pattern for p in parts] == [r"\bgo[|] on", r"x(?:y|z)", r"\(a\|b\)"]
+    assert [p.pattern for p in prefilter.branches(_rx(r"(a|b)c"))] == [r"(a|b)c"]
+    # a capturing group split across alternatives would renumber: kept whole
+    whole = _rx(r"(a)|b")
+    assert prefilter.branches(whole) == [re.compile(r"(a)"), re.compile("b")]
+
+
+def test_squeezed_text_maps_back_to_spaced_offsets() -> None:
+    idx = LiteralIndex([(0, [frozenset({("go on", True)})])])
+    text = "i can't  go \n\n  on like this, go on?"
+    assert idx.candidates(text) == {0: [9, 30]}
+    assert text[9:11] == "go" and text[30:32] == "go"
+
+
+def test_rare_presence_gate_defers_a_common_positional_one() -> None:
+    idx = LiteralIndex([(0, [frozenset({("my", True)}), frozenset({("warfarin", True)})])])
+    assert idx._deferred  # " my" is not in the one-pass scan
+    assert idx.candidates("my dog ate my socks") == {}
+    text = "my  dose of warfarin, my   dose"
+    assert sorted(idx.candidates(text)[0]) == [0, 22]
