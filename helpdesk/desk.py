@@ -32,7 +32,7 @@ from sqlalchemy.orm import defer
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from helpdesk import compose, outbox
+from helpdesk import compose, logins, outbox
 from helpdesk.errors import InvalidInputError, NotFoundError
 from helpdesk.models import (
     CLOSED_STATUSES,
@@ -42,6 +42,7 @@ from helpdesk.models import (
     CannedReply,
     Escalation,
     EscalationEvent,
+    LoginState,
     MailboxState,
     Message,
     Outbox,
@@ -852,6 +853,11 @@ class Health:
     backlog: dict[tuple[int, str], int]
     failed: list[Outbox]
     rejected: list[RejectedMail]
+    logins: list[LoginState]
+
+    @property
+    def failing_logins(self) -> list[LoginState]:
+        return [login for login in self.logins if not login.ok]
 
 
 async def outbox_counts(session: AsyncSession) -> dict[tuple[int, str], int]:
@@ -921,6 +927,7 @@ async def health(session: AsyncSession) -> Health:
         backlog=await outbox_counts(session),
         failed=failed,
         rejected=rejected,
+        logins=await logins.login_states(session),
     )
 
 
@@ -934,6 +941,7 @@ class Numbers:
     heartbeat_age_seconds: float | None
     rejected_pending: int
     rejected_total: int
+    logins: list[LoginState]
 
 
 async def heartbeat_age(session: AsyncSession, *, now: datetime) -> float | None:
@@ -973,4 +981,5 @@ async def numbers(session: AsyncSession, *, now: datetime) -> Numbers:
         heartbeat_age_seconds=await heartbeat_age(session, now=now),
         rejected_pending=rejected_by.get("pending", 0),
         rejected_total=sum(rejected_by.values()),
+        logins=await logins.login_states(session),
     )

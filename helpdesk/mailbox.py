@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import aioimaplib
 
+from helpdesk.oauth import token_source
+
 if TYPE_CHECKING:
     from helpdesk.config import Settings
 
@@ -272,6 +274,17 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]  # untype
         if _EXISTS_RE.match(line):
             self.exists_event.set()
         return super()._untagged_response(line)
+
+    def _continuation(self, line: bytes) -> None:
+        command = self.pending_sync_command
+        if command is not None and command.name == "AUTHENTICATE" and self.transport is not None:
+            # A refused XOAUTH2 token is answered with a challenge (a JSON error) and the
+            # tagged NO only comes after the client's empty reply (Google's XOAUTH2 protocol,
+            # RFC 7628 3.2.3). aioimaplib would wait for the NO until its timeout, and a
+            # refused token would look like a network problem.
+            self.transport.write(b"\r\n")
+            return
+        super()._continuation(line)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
@@ -650,7 +663,8 @@ def _describe(exc: BaseException) -> str:
 
 
 async def check_imap(settings: Settings) -> str:
-    """One line for ``helpdesk check``: connect, log in, select; raise MailboxError if not."""
+    """One line for ``helpdesk check``: connect, log in, select; raise MailboxError if not
+    (OAuthTokenError when XOAUTH2 is configured and no token can be had)."""
     mailbox = ImapMailbox(
         host=settings.imap_host,
         port=settings.imap_port_effective,
@@ -658,6 +672,7 @@ async def check_imap(settings: Settings) -> str:
         password=settings.imap_password.get_secret_value(),
         security=settings.imap_security,
         timeout=settings.imap_timeout,
+        xoauth2_token=token_source(settings) if settings.imap_auth == "xoauth2" else None,
     )
     return await describe_mailbox(mailbox, settings.imap_folder)
 

@@ -180,6 +180,24 @@ class MailboxState(SQLModel, table=True):
     updated_at: datetime = ts()
 
 
+class LoginState(SQLModel, table=True):
+    """How the worker's last login to one IMAP mailbox, or to the SMTP relay, went: the
+    health signal for a password or OAuth token that stopped working (helpdesk.logins)."""
+
+    __tablename__ = "login_state"
+    service: str = Field(primary_key=True, max_length=8)  # imap | smtp
+    mailbox: str = Field(primary_key=True, max_length=64)  # the mailbox's name; "relay" for smtp
+    auth: str = Field(default="password", max_length=16)  # password | xoauth2
+    ok: bool = True
+    failures: int = 0  # failed logins in a row since the last good one
+    failing_since: datetime | None = ts(nullable=True)
+    last_ok_at: datetime | None = ts(nullable=True)
+    last_failure_at: datetime | None = ts(nullable=True)
+    last_error: str | None = Field(default=None, max_length=500)
+    worker_id: str = Field(default="", max_length=128)
+    updated_at: datetime = ts()
+
+
 class Outbox(SQLModel, table=True):
     __tablename__ = "outbox"
     __table_args__ = (

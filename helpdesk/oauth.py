@@ -20,8 +20,12 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpdesk.errors import HelpdeskError
+
+if TYPE_CHECKING:
+    from helpdesk.config import Settings
 
 DEFAULT_LIFETIME = 50 * 60
 
@@ -132,3 +136,10 @@ class TokenSource:
             detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
             raise OAuthTokenError(f"token command exited {proc.returncode}: {detail[0][:200]}")
         return out.decode("utf-8", "replace")
+
+
+def token_source(settings: Settings) -> TokenSource | None:
+    """The token source when any login uses XOAUTH2 (one for all: they share the token)."""
+    if "xoauth2" not in (settings.imap_auth, settings.smtp_auth):
+        return None
+    return TokenSource(command=settings.oauth_token_command, file=settings.oauth_token_file)

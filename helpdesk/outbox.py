@@ -50,6 +50,7 @@ from helpdesk.errors import (
     TransientDeliveryError,
 )
 from helpdesk.models import Outbox
+from helpdesk.oauth import token_source
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class SmtpSender:
         self.oauth_token: Callable[[], Awaitable[str]] | None = (
             None  # XOAUTH2 instead of a password
         )
+        # told how each login went (None: it worked), e.g. helpdesk.logins.LoginRecorder.hook
+        self.on_login: Callable[[str | None], Awaitable[None]] | None = None
         self._client: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
         self._lock = asyncio.Lock()
@@ -148,21 +151,31 @@ class SmtpSender:
                 except HelpdeskError as exc:  # OAuthTokenError: loud, and retried later
                     client.close()
                     log.error("SMTP OAuth token unavailable", extra={"error": str(exc)[:200]})
+                    await self._login_done(f"OAuth token unavailable: {exc}")
                     raise TransientDeliveryError(f"SMTP OAuth token: {exc}") from exc
                 await client.auth_xoauth2(self.user, token)
             elif self.user:
                 await client.login(self.user, self._password)
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
+            reason = f"SMTP login failed: {exc.code} {exc.message}"
+            log.error("SMTP login refused: mail is NOT being sent", extra={"error": reason[:200]})
+            await self._login_done(reason)
             # A bad password is a configuration problem, not this mail's: retry, don't fail.
-            raise TransientDeliveryError(f"SMTP login failed: {exc.code} {exc.message}") from exc
+            raise TransientDeliveryError(reason) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
             raise TransientDeliveryError(
                 f"cannot connect to SMTP {self.host}:{self.port}: {exc}"
             ) from exc
         self.connections += 1
+        if self.oauth_token is not None or self.user:
+            await self._login_done(None)
         return client
+
+    async def _login_done(self, error: str | None) -> None:
+        if self.on_login is not None:
+            await self.on_login(error)
 
     async def _usable_client(self) -> aiosmtplib.SMTP:
         client = self._client
@@ -222,6 +235,8 @@ async def check_smtp(settings: Settings) -> str:
     reason on failure, :class:`ConfigError` when no SMTP host is configured.
     """
     sender = SmtpSender.from_settings(settings)
+    if settings.smtp_auth == "xoauth2":
+        sender.oauth_token = token_source(settings)
     started = time.monotonic()
     client = await sender._connect()
     try:
@@ -235,6 +250,7 @@ async def check_smtp(settings: Settings) -> str:
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             client.close()
     login = f", logged in as {settings.smtp_user}" if settings.smtp_user else ""
+    login += " with XOAUTH2" if sender.oauth_token is not None else ""
     return (
         f"smtp ok: {settings.smtp_host}:{settings.smtp_port_effective}"
         f" ({settings.smtp_security}{login}) in {time.monotonic() - started:.2f}s: {ehlo}"

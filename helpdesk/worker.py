@@ -9,7 +9,9 @@ Invariants:
   folder) is set only after the batch's transaction has committed;
 - SIGTERM stops fetching, lets the batch in flight commit and the outbox drain what is due,
   then returns; SIGKILL at any moment loses nothing (the cursor moves with the commit);
-- connection errors reconnect with backoff and jitter; they never end the worker.
+- connection errors reconnect with backoff and jitter; they never end the worker;
+- every IMAP and SMTP login outcome is recorded in the database (:mod:`helpdesk.logins`),
+  so a refused password or a dead OAuth token shows in ``/healthz`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from datetime import datetime
 
 from sqlmodel import select
 
-from helpdesk import escalation, outbox, webhook
+from helpdesk import escalation, logins, outbox, webhook
 from helpdesk.config import Settings
 from helpdesk.db import SessionFactory
 from helpdesk.mailbox import (
@@ -44,7 +46,7 @@ from helpdesk.mailbox import (
     wait_or_stop,
 )
 from helpdesk.models import WorkerHeartbeat, utcnow
-from helpdesk.oauth import OAuthTokenError, TokenSource
+from helpdesk.oauth import OAuthTokenError, TokenSource, token_source
 from helpdesk.pipeline import Pipeline, Prepared, mailbox_state, prepare_pool
 from helpdesk.presence import Presence
 from helpdesk.scout import CrisisScout
@@ -80,13 +82,6 @@ class RunReport:
     elapsed: float = 0.0
 
 
-def token_source(settings: Settings) -> TokenSource | None:
-    """The OAuth2 token source when any login uses XOAUTH2."""
-    if "xoauth2" not in (settings.imap_auth, settings.smtp_auth):
-        return None
-    return TokenSource(command=settings.oauth_token_command, file=settings.oauth_token_file)
-
-
 def imap_mailbox(settings: Settings, tokens: TokenSource | None = None) -> ImapMailbox:
     return ImapMailbox(
         host=settings.imap_host,
@@ -108,11 +103,17 @@ def default_mailbox_factory(
     return make
 
 
-def default_sender_factory(settings: Settings, tokens: TokenSource | None = None) -> SenderFactory:
+def default_sender_factory(
+    settings: Settings,
+    tokens: TokenSource | None = None,
+    recorder: logins.LoginRecorder | None = None,
+) -> SenderFactory:
     def make(lane: str) -> outbox.Sender:
         sender = outbox.SmtpSender.from_settings(settings, lane=lane)
         if settings.smtp_auth == "xoauth2":
             sender.oauth_token = tokens
+        if recorder is not None:
+            sender.on_login = recorder.hook(logins.SMTP, logins.RELAY, auth=settings.smtp_auth)
         return sender
 
     return make
@@ -156,12 +157,17 @@ class Worker:
             or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
         self.tokens = token_source(settings)
-        self.sender_factory = sender_factory or default_sender_factory(settings, self.tokens)
         # the crisis scout needs a real IMAP connection; injected test mailboxes go without
         self.scout_enabled = mailbox_factory is None and settings.crisis_scout
         # The batch transactions and the outbox results take turns on this lock in the
         # event loop, rather than in SQLite's sleeping busy handler.
         write_lock = asyncio.Lock()
+        self.logins = logins.LoginRecorder(
+            sessions, worker_id=self.worker_id, clock=clock, lock=write_lock
+        )
+        self.sender_factory = sender_factory or default_sender_factory(
+            settings, self.tokens, self.logins
+        )
         self.watches: list[Watch] = []
         for box in settings.mailbox_settings() or [settings]:
             pipeline = Pipeline(
@@ -190,7 +196,16 @@ class Worker:
     async def _connected(self, watch: Watch) -> Mailbox:
         if watch.connection is None:
             mailbox = watch.factory()
-            await mailbox.connect()
+            auth = watch.settings.imap_auth
+            try:
+                await mailbox.connect()
+            except (MailboxAuthError, OAuthTokenError) as exc:
+                reason = str(exc)
+                if isinstance(exc, OAuthTokenError):
+                    reason = f"OAuth token unavailable: {reason}"
+                await self.logins.failed(logins.IMAP, watch.name, auth=auth, reason=reason)
+                raise
+            await self.logins.ok(logins.IMAP, watch.name, auth=auth)
             watch.connection = mailbox
         return watch.connection
 
@@ -507,7 +522,8 @@ class Worker:
                 self._errors += 1
                 attempt += 1
                 log.error(
-                    "IMAP login refused; check HELPDESK_IMAP_USER/PASSWORD",
+                    "IMAP login refused: mail is NOT being read; check the login"
+                    " (HELPDESK_IMAP_USER and password or OAuth token)",
                     extra={"error": str(exc)[:200]},
                 )
                 await self._drop_connection(watch)

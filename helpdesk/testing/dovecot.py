@@ -17,6 +17,10 @@ Invariants and the measured reasons for them (see ``/work/shared/FACTS.md``):
 * with ``tls=True`` a self-signed certificate for ``127.0.0.1``/``localhost`` is made with
   ``openssl req -x509``; the server then offers STARTTLS on :attr:`port` and implicit TLS on
   :attr:`ssl_port`, and :meth:`ssl_context` trusts that certificate.
+* with ``oauth2_introspection_url`` it also takes ``AUTHENTICATE XOAUTH2``/``OAUTHBEARER``,
+  Dovecot's ``oauth2`` passdb POSTing each token to that URL (RFC 7662 introspection; see
+  :class:`helpdesk.testing.oauth.IntrospectionServer`); Debian's dovecot-core has the
+  driver built in.
 
 Requires root (to chown mail folders) and the ``dovecot`` binary
 (``scripts/ensure-services.sh`` installs it). Usable as a context manager::
@@ -133,15 +137,15 @@ listen = {host}
 default_internal_user = dovecot
 default_login_user = dovenull
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 auth_failure_delay = 0
 first_valid_uid = {uid}
 mail_location = maildir:~/Maildir
 mail_fsync = never
 {ssl}
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
-  args = {root}/users/%u
+  args = {root}/users/%u{passwd_mechanisms}
 }}
 userdb {{
   driver = passwd-file
@@ -175,6 +179,28 @@ service imap-login {{
 """
 
 
+# With ``oauth2_introspection_url``: XOAUTH2/OAUTHBEARER logins are checked by asking that
+# endpoint (RFC 7662 introspection, the token POSTed as ``token=…``), and only by it: the
+# passwd-file passdb is limited to PLAIN/LOGIN, so a refused token is never tried as a
+# password. The passwd-file userdb still gives the mail user its home.
+_OAUTH2_PASSDB = """\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/dovecot-oauth2.conf.ext
+}}
+"""
+_OAUTH2_CONF = """\
+introspection_mode = post
+introspection_url = {url}
+username_attribute = username
+username_format = %u
+active_attribute = active
+active_value = true
+timeout_msecs = 5000
+"""
+
+
 # A self-signed EC certificate valid for 127.0.0.1 and localhost, good for two days.
 _OPENSSL_ARGS = (
     "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -186,9 +212,12 @@ _OPENSSL_ARGS = (
 class DovecotServer:
     """A Dovecot child process with its own config, users and mail, all in one temp folder."""
 
-    def __init__(self, *, tls: bool = False, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, *, tls: bool = False, host: str = "127.0.0.1", oauth2_introspection_url: str = ""
+    ) -> None:
         self.host = host
         self.tls = tls
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.port = 0
         self.ssl_port = 0
         self.root = Path(tempfile.mkdtemp(prefix="helpdesk-dovecot-"))
@@ -380,6 +409,11 @@ class DovecotServer:
             )
         else:
             ssl_block = "ssl = no"
+        oauth2 = bool(self.oauth2_introspection_url)
+        if oauth2:
+            (self.root / "dovecot-oauth2.conf.ext").write_text(
+                _OAUTH2_CONF.format(url=self.oauth2_introspection_url)
+            )
         self.config_path.write_text(
             _CONFIG.format(
                 root=self.root,
@@ -388,6 +422,9 @@ class DovecotServer:
                 ssl_port=self.ssl_port,
                 uid=MAIL_UID,
                 ssl=ssl_block,
+                oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2 else "",
+                oauth2_passdb=_OAUTH2_PASSDB.format(root=self.root) if oauth2 else "",
+                passwd_mechanisms="\n  mechanisms = plain login" if oauth2 else "",
             )
         )
 

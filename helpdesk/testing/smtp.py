@@ -5,7 +5,9 @@ It accepts mail on 127.0.0.1, records every accepted message, and can be told to
 ``set_mode("tempfail")`` answers every message with 451, ``reject_recipients({...})``
 refuses chosen recipients at RCPT, and ``stop()``/``start()`` take the server away and bring
 it back on the same port. ``connections`` counts SMTP sessions (each EHLO/HELO'd
-connection once), so a test can check that a sender reuses its connection.
+connection once), so a test can check that a sender reuses its connection. With
+``xoauth2=(user, token)`` it also offers ``AUTH XOAUTH2`` and accepts exactly that user and
+access token; ``logins`` lists every AUTH attempt as ``(mechanism, user, accepted)``.
 
 Thread-safety: the server runs in its own thread; everything shared is behind one lock.
 """
@@ -13,7 +15,10 @@ Thread-safety: the server runs in its own thread; everything shared is behind on
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email
+import json
 import shutil
 import socket
 import ssl
@@ -30,7 +35,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 Mode = Literal["ok", "tempfail"]
 Tls = Literal["none", "ssl", "starttls"]
@@ -84,6 +89,22 @@ class _State:
     fail_text: str = "4.3.0 try again later"
     mode: Mode = "ok"
     rejected: dict[str, tuple[int, str]] = field(default_factory=dict)
+    xoauth2: tuple[str, str] | None = None  # the (user, access token) AUTH XOAUTH2 accepts
+    logins: list[tuple[str, str, bool]] = field(default_factory=list)
+
+
+def parse_xoauth2(blob: bytes) -> tuple[str, str] | None:
+    """``(user, token)`` from a decoded XOAUTH2 response, None when it is malformed.
+
+    The format (Google's XOAUTH2 protocol): ``user=USER ^A auth=Bearer TOKEN ^A ^A``.
+    """
+    parts = blob.split(b"\x01")
+    if len(parts) != 4 or parts[2:] != [b"", b""]:
+        return None
+    user, auth = parts[0], parts[1]
+    if not user.startswith(b"user=") or not auth.startswith(b"auth=Bearer "):
+        return None
+    return user[5:].decode("utf-8", "replace"), auth[12:].decode("utf-8", "replace")
 
 
 class _Handler:
@@ -139,6 +160,34 @@ class _Handler:
         return "250 2.0.0 OK"
 
 
+class _OAuthHandler(_Handler):
+    """Adds AUTH XOAUTH2: aiosmtpd offers every ``auth_<MECHANISM>`` method of a handler."""
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 2:  # the usual initial response: AUTH XOAUTH2 <base64>
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            answer = await server.challenge_auth("")
+            if answer is MISSING:  # challenge_auth has answered already
+                return AuthResult(success=False, handled=True)
+            blob = answer
+        credentials = parse_xoauth2(blob)
+        with self.state.lock:
+            ok = credentials is not None and credentials == self.state.xoauth2
+            self.state.logins.append(("XOAUTH2", credentials[0] if credentials else "", ok))
+        if ok:
+            return AuthResult(success=True, auth_data=credentials)
+        # As Gmail does: the error as a challenge, the 535 only after the client's empty reply.
+        error = {"status": "401", "schemes": "Bearer", "scope": "https://mail.google.com/"}
+        if await server.challenge_auth(json.dumps(error)) is MISSING:
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)  # aiosmtpd answers 535
+
+
 class _ImplicitTlsSMTP(SMTP):
     """aiosmtpd only knows about TLS it negotiated itself (STARTTLS); with implicit TLS it
     would refuse to offer AUTH over a connection that is in fact encrypted."""
@@ -160,6 +209,7 @@ class SmtpReceiver:
     ``tls="ssl"`` (implicit TLS) or ``"starttls"`` serve a throwaway self-signed certificate;
     clients trust it through :meth:`client_ssl_context`. ``auth=(user, password)`` requires
     that login over TLS; with ``tls="none"`` it is offered and checked, but not required.
+    ``xoauth2=(user, token)`` does the same for AUTH XOAUTH2 with that access token.
     """
 
     def __init__(
@@ -169,12 +219,14 @@ class SmtpReceiver:
         port: int = 0,
         tls: Tls = "none",
         auth: tuple[str, str] | None = None,
+        xoauth2: tuple[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.tls = tls
         self.auth = auth
-        self._state = _State()
+        self.xoauth2 = xoauth2
+        self._state = _State(xoauth2=xoauth2)
         self._controller: _Controller | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._server_ctx: ssl.SSLContext | None = None
@@ -199,6 +251,9 @@ class SmtpReceiver:
             and isinstance(data, LoginPassword)
             and (data.login.decode(), data.password.decode()) == self.auth
         )
+        login = data.login.decode(errors="replace") if isinstance(data, LoginPassword) else ""
+        with self._state.lock:
+            self._state.logins.append((mechanism, login, ok))
         # handled=False: aiosmtpd answers the failure (535) itself
         return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
 
@@ -212,15 +267,16 @@ class SmtpReceiver:
             kwargs["ssl_context"] = self._server_ctx
         elif self.tls == "starttls":
             kwargs.update(tls_context=self._server_ctx, require_starttls=True)
-        if self.auth is not None:
+        if self.auth is not None or self.xoauth2 is not None:
             kwargs.update(
                 authenticator=self._authenticate,
                 # without TLS, aiosmtpd warns when AUTH is required: offer it, don't enforce it
                 auth_required=self.tls != "none",
                 auth_require_tls=self.tls != "none",
             )
+        handler = (_OAuthHandler if self.xoauth2 is not None else _Handler)(self._state)
         controller = _Controller(
-            _Handler(self._state), hostname=self.host, port=self.port, ready_timeout=5.0, **kwargs
+            handler, hostname=self.host, port=self.port, ready_timeout=5.0, **kwargs
         )
         controller.start()
         self._controller = controller
@@ -265,10 +321,17 @@ class SmtpReceiver:
         with self._state.lock:
             return self._state.connections
 
+    @property
+    def logins(self) -> list[tuple[str, str, bool]]:
+        """Every AUTH attempt so far: ``(mechanism, user, accepted)``."""
+        with self._state.lock:
+            return list(self._state.logins)
+
     def clear(self) -> None:
         with self._state.lock:
             self._state.messages.clear()
             self._state.connections = 0
+            self._state.logins.clear()
 
     async def wait_for(
         self,

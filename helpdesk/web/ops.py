@@ -2,6 +2,11 @@
 
 Both are stateless: numbers are read from the database on every request and exposed through
 a fresh ``CollectorRegistry``, so any number of web processes report the same values.
+
+A failing IMAP or SMTP login (``login_state``, written by the worker) shows in both, but
+``/healthz`` still answers 200 for it: the web UI itself works, and a load balancer must not
+take it away from the staff. Both endpoints are public, so they name the mailbox and the
+service but never carry the error text (the admin health panel shows it).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from helpdesk import desk
+from helpdesk import desk, logins
 from helpdesk.models import TICKET_STATUSES, utcnow
 
 log = logging.getLogger(__name__)
@@ -28,12 +33,30 @@ async def healthz(request: Request) -> Response:
         async with request.app.state.sessions() as session:
             await session.exec(text("SELECT 1"))
             age = await desk.heartbeat_age(session, now=now)
+            failing = [s for s in await logins.login_states(session) if not s.ok]
     except (SQLAlchemyError, OSError) as exc:
         log.warning("healthz: database unreachable: %s", type(exc).__name__)
         return JSONResponse(
-            {"database": "down", "worker_heartbeat_age_seconds": None}, status_code=503
+            {"database": "down", "worker_heartbeat_age_seconds": None, "logins": "unknown"},
+            status_code=503,
         )
-    return JSONResponse({"database": "ok", "worker_heartbeat_age_seconds": age})
+    return JSONResponse(
+        {
+            "database": "ok",
+            "worker_heartbeat_age_seconds": age,
+            "logins": "failing" if failing else "ok",
+            "failing_logins": [
+                {
+                    "service": s.service,
+                    "mailbox": s.mailbox,
+                    "auth": s.auth,
+                    "failures": s.failures,
+                    "failing_since": s.failing_since.isoformat() if s.failing_since else None,
+                }
+                for s in failing
+            ],
+        }
+    )
 
 
 @router.get("/metrics")
@@ -76,4 +99,30 @@ async def metrics(request: Request) -> Response:
     )
     errors.labels("pending").set(n.rejected_pending)
     errors.labels("all").set(n.rejected_total)
+    labels = ["service", "mailbox"]
+    login_ok = Gauge(
+        "helpdesk_login_ok",
+        "1 when the worker's last login to this IMAP mailbox / the SMTP relay worked, else 0.",
+        labels,
+        registry=reg,
+    )
+    login_failures = Gauge(
+        "helpdesk_login_failures",
+        "Failed logins in a row (bad password, refused or unavailable OAuth token).",
+        labels,
+        registry=reg,
+    )
+    login_failing = Gauge(
+        "helpdesk_login_failing_seconds",
+        "Seconds since logins started failing (0 while they work).",
+        labels,
+        registry=reg,
+    )
+    for login in n.logins:
+        key, since = (login.service, login.mailbox), login.failing_since
+        login_ok.labels(*key).set(1 if login.ok else 0)
+        login_failures.labels(*key).set(login.failures)
+        login_failing.labels(*key).set(
+            0 if login.ok or since is None else max((now - since).total_seconds(), 0.0)
+        )
     return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
