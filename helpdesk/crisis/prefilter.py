@@ -487,14 +487,14 @@ class Squeezed:
         self._starts: list[int] | None = None
         self._origins: list[int] = []
 
-    def unsqueeze(self, key: str, end: int) -> int:
-        """A key's end here -> the end it would have in ``spaced`` text.
+    def unsqueeze(self, key: str, ends: list[int]) -> list[int]:
+        """A key's ends here -> the ends it would have in ``spaced`` text.
 
         That is where its first character came from plus its length (what the shifts
         expect).
         """
         if len(self.text) == len(self._spaced):
-            return end
+            return ends
         if self._starts is None:
             starts, origins = [0], [0]
             removed = 0
@@ -503,10 +503,13 @@ class Squeezed:
                 starts.append(m.end() - removed)
                 origins.append(m.end())
             self._starts, self._origins = starts, origins
+        starts, origins = self._starts, self._origins
         back = len(key) - 2 if key[0] == " " else len(key) - 1
-        q = end - back
-        i = bisect_right(self._starts, q) - 1
-        return self._origins[i] + q - self._starts[i] + back
+        out = []
+        for end in ends:
+            i = bisect_right(starts, end - back) - 1
+            out.append(origins[i] - starts[i] + end)
+        return out
 
 
 class _Scanner(Protocol):
@@ -627,8 +630,7 @@ class LiteralIndex:
                 if squeezed_any:
                     got = unsqueezed.get(k)
                     if got is None:
-                        got = [sqz.unsqueeze(keys[k], e) for e in es]
-                        unsqueezed[k] = got
+                        got = unsqueezed[k] = sqz.unsqueeze(keys[k], es)
                     es = got
                 ps.extend([e - shift for e in es])
         for u, dkeys in self._deferred.items():
@@ -636,13 +638,14 @@ class LiteralIndex:
                 continue
             ps = []
             for key, shift in dkeys:
+                es = []
                 p = sq.find(key)
                 while p >= 0:
-                    e = p + len(key) - 1
-                    if squeezed_any:
-                        e = sqz.unsqueeze(key, e)
-                    ps.append(e - shift)
+                    es.append(p + len(key) - 1)
                     p = sq.find(key, p + 1)
+                if es and squeezed_any:
+                    es = sqz.unsqueeze(key, es)
+                ps.extend([e - shift for e in es])
             if ps:
                 out[u] = ps
         return out
