@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import aioimaplib
 
-from helpdesk.oauth import token_source
+from helpdesk.oauth import TokenProvider, token_source
 
 if TYPE_CHECKING:
     from helpdesk.config import Settings
@@ -309,16 +309,14 @@ class _Client(aioimaplib.IMAP4):  # type: ignore[misc]  # untyped library
         )
 
 
-TokenProvider = Callable[[], Awaitable[str]]
-
-
 class ImapMailbox:
     """:class:`Mailbox` over one aioimaplib connection; one command at a time.
 
     ``security``: ``"ssl"`` (implicit TLS, port 993), ``"starttls"`` (port 143, upgraded
     before login; refused if the server does not offer it) or ``"none"``. ``ssl_context``
     defaults to the system trust store. ``xoauth2_token``, when given, is awaited at each
-    connect and used for ``AUTHENTICATE XOAUTH2`` instead of LOGIN with ``password``.
+    connect and used for ``AUTHENTICATE XOAUTH2`` instead of LOGIN with ``password``; a
+    token the server refuses is handed back to its ``invalidate``.
 
     After a :class:`MailboxConnectionError` the connection is unusable: ``close()`` it and
     ``connect()`` again (the worker does, with :class:`Backoff`).
@@ -454,6 +452,7 @@ class ImapMailbox:
         await self._call(protocol.capability(), "CAPABILITY")
 
     async def _login(self, client: _Client) -> None:
+        token: str | None = None
         if self._xoauth2_token is not None:
             token = await self._xoauth2_token()
             response = await self._call(client.xoauth2(self.user, token), "AUTHENTICATE")
@@ -464,6 +463,10 @@ class ImapMailbox:
             # Dovecot says NO [UNAVAILABLE] for "Temporary authentication failure".
             if "[UNAVAILABLE]" in text or "TEMPORARY" in text.upper():
                 raise MailboxConnectionError(f"{self}: login failed temporarily: {text}")
+            if self._xoauth2_token is not None and token is not None:
+                # Refused (revoked early, say): fetch a new one at the next connect rather
+                # than repeat this one until its expiry.
+                self._xoauth2_token.invalidate(token)
             raise MailboxAuthError(f"{self}: login refused: {text}")
 
     # -- commands -----------------------------------------------------------------------

@@ -9,7 +9,9 @@ and ``expires_in`` (seconds).
 Invariants: a token is reused until ``refresh_margin`` seconds before it expires (a token
 without ``expires_in`` is assumed to live 50 minutes), then fetched again; a failure raises
 ``OAuthTokenError`` with a one-line reason, is remembered in ``last_error`` for the health
-signals, and is retried on the next call. Tokens are never logged.
+signals, and is retried on the next call. A token the server refuses is dropped at once
+(``invalidate``), so the next login runs the command / reads the file again instead of
+repeating the refused token until it expires. Tokens are never logged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from helpdesk.errors import HelpdeskError
 
@@ -50,6 +52,14 @@ def parse_token(output: str) -> tuple[str, float | None]:
     if not text or any(c.isspace() for c in text):
         raise OAuthTokenError("token source gave no token (empty or several words)")
     return text, None
+
+
+class TokenProvider(Protocol):
+    """What an XOAUTH2 login needs: a token now, and a way to say the server refused it."""
+
+    async def __call__(self) -> str: ...
+
+    def invalidate(self, token: str) -> None: ...
 
 
 class TokenSource:
@@ -97,6 +107,16 @@ class TokenSource:
             self.refreshed_at = self.clock()
             self.last_error = None
             return token
+
+    def invalidate(self, token: str) -> None:
+        """Forget ``token`` if it is still the cached one: a server refused it.
+
+        Only that token: when another login has fetched a new one meanwhile, a late
+        refusal of the old one must not throw the new one away.
+        """
+        if token == self._token:  # no await, so no lock: a fetch under way still lands
+            self._token = None
+            self._valid_until = 0.0
 
     def _file_changed(self) -> bool:
         if not self.file:

@@ -50,7 +50,7 @@ from helpdesk.errors import (
     TransientDeliveryError,
 )
 from helpdesk.models import Outbox
-from helpdesk.oauth import token_source
+from helpdesk.oauth import TokenProvider, token_source
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ class SmtpSender:
         self.idle_check_seconds = idle_check_seconds
         self.name = name
         self.connections = 0  # opened so far; for metrics and tests
-        self.oauth_token: Callable[[], Awaitable[str]] | None = (
-            None  # XOAUTH2 instead of a password
-        )
+        self.oauth_token: TokenProvider | None = None  # XOAUTH2 instead of a password
         # told how each login went (None: it worked), e.g. helpdesk.logins.LoginRecorder.hook
         self.on_login: Callable[[str | None], Awaitable[None]] | None = None
         self._client: aiosmtplib.SMTP | None = None
@@ -143,6 +141,7 @@ class SmtpSender:
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = self._new_client()
+        token: str | None = None
         try:
             await client.connect()
             if self.oauth_token is not None:
@@ -158,6 +157,10 @@ class SmtpSender:
                 await client.login(self.user, self._password)
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
+            if self.oauth_token is not None and token is not None and 500 <= exc.code < 600:
+                # Refused (a 4xx is the server's trouble, not the token's): fetch a new one
+                # at the next login rather than repeat this one until its expiry.
+                self.oauth_token.invalidate(token)
             reason = f"SMTP login failed: {exc.code} {exc.message}"
             log.error("SMTP login refused: mail is NOT being sent", extra={"error": reason[:200]})
             await self._login_done(reason)

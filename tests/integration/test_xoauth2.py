@@ -3,8 +3,8 @@
 SMTP: aiosmtpd taking AUTH XOAUTH2 for one user and access token (``SmtpReceiver(xoauth2=…)``),
 answering a wrong token the way Gmail does (an error challenge, then 535). IMAP: Dovecot with
 its ``oauth2`` passdb, which asks a local introspection endpoint about each token
-(``oauth_dovecot`` / ``oauth_idp``). The token always comes from a token file, as an
-operator's refresher would leave it.
+(``oauth_dovecot`` / ``oauth_idp``). The token comes from a token file, as an operator's
+refresher would leave it, or from a token command (the last test).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -385,3 +386,77 @@ async def test_helpdesk_check_logs_in_with_xoauth2(
         assert f"{account.user}@" in await check_imap(settings)
         assert f"logged in as {SUPPORT} with XOAUTH2" in await check_smtp(settings)
         assert receiver.logins == [("XOAUTH2", SUPPORT, True)]
+
+
+# --- a refused token is not reused ----------------------------------------------------------
+
+
+async def test_a_refused_token_makes_the_next_login_run_the_token_command_again(
+    oauth_dovecot: DovecotServer,
+    oauth_idp: IntrospectionServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="helpdesk")
+    current, runs = tmp_path / "current", tmp_path / "runs"
+    script = tmp_path / "token.py"
+    script.write_text(  # the operator's helper: hands out whatever the IdP issued last
+        "import json, pathlib\n"
+        f"runs = pathlib.Path({str(runs)!r})\n"
+        "runs.write_text(str(int(runs.read_text()) + 1 if runs.exists() else 1))\n"
+        f"token = pathlib.Path({str(current)!r}).read_text()\n"
+        "print(json.dumps({'access_token': token, 'expires_in': 3600}))\n"
+    )
+
+    def issue(token: str) -> str:
+        current.write_text(token)
+        return token
+
+    def command_runs() -> int:
+        return int(runs.read_text())
+
+    account = oauth_dovecot.new_account("oauth")
+    tokens = TokenSource(command=f"{sys.executable} {script}")  # shared, as in the worker
+    box = ImapMailbox(
+        host=account.host,
+        port=account.port,
+        user=account.user,
+        security="none",
+        timeout=10.0,
+        xoauth2_token=tokens,
+    )
+    first = issue(f"imap-{uuid.uuid4().hex}")
+    oauth_idp.grant(first, account.user)
+    await box.connect()
+    await box.close()
+    assert command_runs() == 1
+
+    # The provider revokes the token long before its hour is up, and issues a new one.
+    oauth_idp.revoke(first)
+    second = issue(f"imap-{uuid.uuid4().hex}")
+    oauth_idp.grant(second, account.user)
+    with pytest.raises(MailboxAuthError, match="login refused"):
+        await box.connect()  # the cached token: nobody can know it was revoked until now
+    assert command_runs() == 1
+    await box.connect()  # the refused token was dropped: the command runs again
+    await box.close()
+    assert command_runs() == 2
+    assert oauth_idp.asked[-2:] == [first, second]
+
+    # The same for SMTP: the relay takes only a newer token than the one cached.
+    third = issue(f"smtp-{uuid.uuid4().hex}")
+    with SmtpReceiver(xoauth2=(SUPPORT, third)) as receiver:
+        sender = SmtpSender(
+            host=receiver.host, port=receiver.port, security="none", user=SUPPORT, timeout=5
+        )
+        sender.oauth_token = tokens
+        with pytest.raises(TransientDeliveryError, match="login failed: 535"):
+            await sender.send(mail_from=SUPPORT, recipient="p@patients.test", raw=RAW)
+        assert command_runs() == 2
+        await sender.send(mail_from=SUPPORT, recipient="p@patients.test", raw=RAW)
+        await sender.close()
+        assert command_runs() == 3
+        assert receiver.logins == [("XOAUTH2", SUPPORT, False), ("XOAUTH2", SUPPORT, True)]
+        assert len(await receiver.wait_for(1)) == 1
+    for user, token in ((account.user, first), (account.user, second), (SUPPORT, third)):
+        assert leaked(caplog, user, token) == []

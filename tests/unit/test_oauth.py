@@ -28,7 +28,8 @@ class Clock:
         return self.now
 
 
-async def test_command_token_is_cached_until_near_expiry(tmp_path: Path) -> None:
+def counting_command(tmp_path: Path) -> str:
+    """A token command printing ``tok1``, ``tok2``, … (one more each run), valid an hour."""
     counter = tmp_path / "n"
     script = tmp_path / "token.py"
     script.write_text(
@@ -38,13 +39,42 @@ async def test_command_token_is_cached_until_near_expiry(tmp_path: Path) -> None
         "p.write_text(str(n))\n"
         "print(json.dumps({'access_token': f'tok{n}', 'expires_in': 3600}))\n"
     )
+    return f"{sys.executable} {script}"
+
+
+async def test_command_token_is_cached_until_near_expiry(tmp_path: Path) -> None:
     clock = Clock()
-    source = TokenSource(command=f"{sys.executable} {script}", clock=clock)
+    source = TokenSource(command=counting_command(tmp_path), clock=clock)
     assert await source() == "tok1"
     clock.now += 3000  # still more than the 300 s margin before expiry
     assert await source() == "tok1"
     clock.now += 400
     assert await source() == "tok2"
+
+
+async def test_a_refused_token_is_dropped_and_the_command_run_again(tmp_path: Path) -> None:
+    clock = Clock()
+    source = TokenSource(command=counting_command(tmp_path), clock=clock)
+    assert await source() == "tok1"
+    source.invalidate("tok1")  # refused long before its expiry
+    assert await source() == "tok2"
+    # A late refusal of the old token (another login's) leaves the new one alone.
+    source.invalidate("tok1")
+    assert await source() == "tok2"
+    assert (tmp_path / "n").read_text() == "2"  # the command ran twice, not three times
+
+
+async def test_a_refused_file_token_makes_the_file_read_again(tmp_path: Path) -> None:
+    path = tmp_path / "token.json"
+    path.write_text(json.dumps({"access_token": "a", "expires_in": 3600}))
+    os.utime(path, (1, 1))
+    source = TokenSource(file=str(path))
+    assert await source() == "a"
+    path.write_text(json.dumps({"access_token": "b", "expires_in": 3600}))
+    os.utime(path, (1, 1))  # same mtime: only invalidate() can make it read again
+    assert await source() == "a"
+    source.invalidate("a")
+    assert await source() == "b"
 
 
 async def test_failing_command_is_a_clear_error_and_recorded(tmp_path: Path) -> None:
