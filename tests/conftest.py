@@ -3,6 +3,8 @@
 PostgreSQL is the server at 127.0.0.1:5432 (trust auth) that the development and CI
 machines run (``scripts/ensure-services.sh`` starts one); each test that uses it gets a
 database of its own, dropped afterwards, so tests never see each other's rows.
+
+Every test must leave no SQLite connection open behind it (``_no_open_sqlite_connections``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,6 +39,31 @@ async def _pg_admin(sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+def sqlite_worker_threads() -> set[threading.Thread]:
+    # aiosqlite runs each connection in a thread of its own, named after its target function.
+    return {t for t in threading.enumerate() if t.name.endswith("(_connection_worker_thread)")}
+
+
+@pytest.fixture(autouse=True)
+def _no_open_sqlite_connections() -> Iterator[None]:
+    """Fail the test that leaves an aiosqlite connection open (an engine not disposed, a
+    connection never returned, a server thread not stopped) or still finishing its work.
+
+    Such a thread outlives the test's event loop and, when it next posts a result to that
+    closed loop, dies with "RuntimeError: Event loop is closed", which pytest pins on
+    whichever later test is running then. Joining here, after the loop has closed, makes the
+    leak, or that error, belong to the test that caused it.
+    """
+    before = sqlite_worker_threads()
+    yield
+    deadline = time.monotonic() + 5
+    left = sqlite_worker_threads() - before
+    for thread in left:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = sorted(t.name for t in left if t.is_alive())
+    assert not alive, f"this test left {len(alive)} SQLite connection(s) open: {alive}"
 
 
 def _pg_available() -> bool:
