@@ -67,6 +67,30 @@ def _negated(before: str, ctx: Context) -> bool:
     return _cue_applies(ctx.negation, window, ctx)
 
 
+def _denied(before: str, ctx: Context) -> bool:
+    """The words right before the hit say the symptom is absent ("no", "denies")."""
+    b = _last(ctx.clause_break, before)
+    clause = before[b.end() :] if b else before
+    window = " ".join(clause.split()[-4:])
+    # "no" right before, or a denial phrase ending the window with at most two words
+    # between it and the hit ("no swelling of my face", "don't have any chest pain")
+    words = window.split()
+    return any(ctx.denial.search(" ".join(words[: len(words) - k])) for k in range(3))
+
+
+_YEAR = re.compile(r"\b(?:19|20)\d\d\b|\b(?:years?|decades?) ago\b|\bhace (?:\w+ )?anos\b")
+_RECOVERED = re.compile(
+    r"\b(?:recovered|fully resolved|resolved|stable since|been (?:fine|stable|good|healthy)"
+    r"|no problems since|completamente recuperad[oa]|ya esta (?:bien|recuperad[oa])"
+    r"|since then|desde entonces)\b"
+)
+
+
+def _past_only(sentence: str, ctx: Context) -> bool:
+    """A medical event dated to a past year, or one stated as over ("fully resolved")."""
+    return bool(_YEAR.search(sentence) or _RECOVERED.search(sentence))
+
+
 def assess(
     rule: Rule, text: str, start: int, end: int, ctx: Context, *, any_drop_reason: bool = False
 ) -> Verdict:
@@ -104,8 +128,12 @@ def assess(
             return Verdict(False, rule.tier, "informational mention")
         reasons.append("informational: lowered")
     if _negated(before, ctx):
+        if rule.medical and _denied(before, ctx):
+            return Verdict(False, rule.tier, "symptom stated as absent")
         reasons.append("negated: lowered to tier 2")
     historical = ctx.history.search(sentence) is not None and not ctx.present.search(sentence)
+    if historical and rule.medical and _past_only(sentence, ctx):
+        return Verdict(False, rule.tier, "past medical event")
     if historical:
         reasons.append("historical: lowered")
     third = False
@@ -116,8 +144,9 @@ def assess(
         third = in_match or (
             _cue_applies(ctx.third_person, before, ctx) and not ctx.first_person.search(match)
         )
-        # A child in the writer's care: their medical emergency is the writer's emergency.
-        if third and rule.medical_or_poison and ctx.child.search(text, s, end):
+        # A child in the writer's care: their emergency is the writer's emergency, medical
+        # or not (a parent reporting a child's suicidal words or self-harm).
+        if third and ctx.child.search(text, s, end) and (rule.medical_or_poison or not historical):
             third = False
     if third:
         if historical and rule.medical_or_poison:

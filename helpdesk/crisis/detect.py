@@ -4,7 +4,10 @@ Job: normalise the subject and the body (the plain text, or the HTML when there 
 plain text), run the lexicon rules whose necessary literals occur (``prefilter``: one
 literal scan, then each rule only near its literals), drop hits inside quoted
 replies or our own templates, weigh each remaining hit in its sentence, and return the
-most urgent tier with every hit, where it is and why.
+most urgent tier with every hit, where it is and why. When no rule fires, a learned model
+(``model``) scores each sentence; a likely crisis sentence is a tier-2 hit of its own
+(rule id ``model.<version>``, category ``unclassified``), so wording the lexicon has
+never seen still escalates.
 
 Invariants:
 - ``detect`` never raises on str input: an internal failure answers tier 2 with
@@ -26,7 +29,8 @@ from typing import Literal
 
 from helpdesk.crisis.context import assess
 from helpdesk.crisis.lexicon import Lexicon, Unit, load_lexicon
-from helpdesk.crisis.normalise import normalise
+from helpdesk.crisis.model import load_model
+from helpdesk.crisis.normalise import Normalised, normalise
 from helpdesk.crisis.prefilter import spaced
 from helpdesk.crisis.quotes import mask, quoted_spans, template_spans
 
@@ -35,6 +39,8 @@ __all__ = ["CrisisHit", "CrisisResult", "detect"]
 Field = Literal["subject", "body"]
 _MAX_HITS = 50
 _SENTENCE_END = re.compile(r"[.!?]+")
+# A hit from the learned model says "crisis language", not which kind.
+MODEL_CATEGORY = "unclassified"
 # Half-width of the window scanned around a trigger: longer than any lexicon match.
 _REACH = 130
 
@@ -105,13 +111,16 @@ def _matches(
     return [m for lo, hi in wins for m in rx.finditer(text, lo, hi) if m.end() > m.start()]
 
 
-def _scan(
-    lex: Lexicon, field: Field, raw: str, own_templates: Sequence[str]
-) -> list[tuple[CrisisHit, bool]]:
+def _normalised(lex: Lexicon, field: Field, raw: str) -> Normalised:
     # Quoted replies are blanked before anything else (same length, so offsets hold):
     # they can never fire, and long reply chains are most of a long mail.
     quoted = quoted_spans(raw) if field == "body" else []
-    norm = normalise(mask(raw, quoted) if quoted else raw, lex.fuzzy)
+    return normalise(mask(raw, quoted) if quoted else raw, lex.fuzzy)
+
+
+def _scan(
+    lex: Lexicon, field: Field, raw: str, norm: Normalised, own_templates: Sequence[str]
+) -> list[tuple[CrisisHit, bool]]:
     text = norm.text
     found = lex.candidates(text)
     if not found:
@@ -150,17 +159,50 @@ def _scan(
 
 
 def _detect(
-    subject: str, text: str, html: str | None, own_templates: Sequence[str]
+    subject: str, text: str, html: str | None, own_templates: Sequence[str], learned: bool
 ) -> CrisisResult:
     lex = load_lexicon()
     body = text if text.strip() else (html or "")
-    found = _scan(lex, "subject", subject, own_templates) + _scan(lex, "body", body, own_templates)
+    fields: list[tuple[Field, str, Normalised]] = [
+        ("subject", subject, _normalised(lex, "subject", subject)),
+        ("body", body, _normalised(lex, "body", body)),
+    ]
+    found = [hg for f, raw, norm in fields for hg in _scan(lex, f, raw, norm, own_templates)]
     if not found:
-        return CrisisResult(None, None, (), lex.version)
+        # Wording the lexicon does not know: the learned model's opinion, at tier 2.
+        hit = _model_hit(fields, own_templates) if learned else None
+        if hit is None:
+            return CrisisResult(None, None, (), lex.version)
+        return CrisisResult(hit.tier, hit.category, (hit,), lex.version)
     order = {"subject": 0, "body": 1}
     found.sort(key=lambda hg: (order[hg[0].field], hg[0].start, hg[0].end))
     best = min(found, key=lambda hg: (hg[0].tier, hg[1], order[hg[0].field], hg[0].start))[0]
     return CrisisResult(best.tier, best.category, tuple(h for h, _ in found), lex.version)
+
+
+def _model_hit(
+    fields: Sequence[tuple[Field, str, Normalised]], own_templates: Sequence[str]
+) -> CrisisHit | None:
+    """The model's most likely crisis sentence, when it is likely enough."""
+    model = load_model()
+    # Like a bare mention in the lexicon, a sentence about hotlines and emergency rooms
+    # (return precautions, signatures, newsletters) is not the patient's crisis.
+    hotline = load_lexicon().context.hotline.search
+    best: tuple[float, Field, int, int] | None = None
+    for field, raw, norm in fields:
+        scored = model.best(norm.text, skip=lambda sentence: hotline(sentence) is not None)
+        if scored is None or scored.probability < model.threshold:
+            continue
+        a, z = norm.span(scored.start, scored.end)
+        if own_templates and _overlaps(a, z, template_spans(raw, own_templates)):
+            continue
+        if best is None or scored.probability > best[0]:
+            best = (scored.probability, field, a, z)
+    if best is None:
+        return None
+    p, field, a, z = best
+    reason = f"learned model ({model.version}): p={p:.2f}"
+    return CrisisHit(f"model.{model.version}", MODEL_CATEGORY, 2, field, a, z, reason)
 
 
 def detect(
@@ -169,10 +211,15 @@ def detect(
     html: str | None = None,
     *,
     own_templates: Sequence[str] = (),
+    learned: bool = True,
 ) -> CrisisResult:
-    """Classify one mail; see the module docstring for the guarantees."""
+    """Classify one mail; see the module docstring for the guarantees.
+
+    ``learned=False``: the lexicon alone, without the learned model's second opinion
+    (for training and measuring that model).
+    """
     try:
-        return _detect(subject or "", text or "", html, own_templates)
+        return _detect(subject or "", text or "", html, own_templates, learned)
     except Exception as exc:  # in doubt, escalate: a failed check must not read as "safe"
         try:
             version = load_lexicon().version

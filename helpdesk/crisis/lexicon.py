@@ -113,6 +113,7 @@ class Context:
     first_person: re.Pattern[str]
     idioms: re.Pattern[str]
     clause_break: re.Pattern[str]
+    denial: re.Pattern[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,172 @@
+"""Train the crisis detector's learned second opinion (helpdesk/crisis/model.py).
+
+    .venv/bin/pip install scikit-learn          # a development tool, not a dependency
+    .venv/bin/python scripts/train_crisis_model.py            # train, report, write
+    .venv/bin/python scripts/train_crisis_model.py --report   # leave-one-set-out only
+
+Data: the labelled sets in tests/data/crisis (every *.jsonl but golden.jsonl). Sentences
+are labelled from their mail: every sentence of a non-crisis mail is negative; in a
+crisis mail the sentences where the lexicon fires are positive. A crisis mail where the
+lexicon finds nothing gets its highest-scoring sentence under a first-pass model as its
+positive (its other sentences are left out rather than called negative).
+
+The report trains on all sets but one and scores the one left out, for each set in turn:
+recall and precision of the lexicon alone and of lexicon + model at the threshold. Sets
+written by different people make this an estimate for wording nobody here has seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from helpdesk.crisis import detect  # noqa: E402
+from helpdesk.crisis.model import MODEL_FILE, sentences, tokens  # noqa: E402
+from helpdesk.crisis.normalise import normalise  # noqa: E402
+from helpdesk.crisis.quotes import mask, quoted_spans  # noqa: E402
+
+DATA = ROOT / "tests" / "data" / "crisis"
+OUT = ROOT / "helpdesk" / MODEL_FILE
+VERSION = "crisis-model-v1"
+
+Row = dict[str, Any]
+
+
+def fields(row: Row) -> list[str]:
+    """The normalised texts the detector scores: the subject and the unquoted body."""
+    body = row["body"]
+    quoted = quoted_spans(body)
+    return [normalise(row["subject"]).text, normalise(mask(body, quoted) if quoted else body).text]
+
+
+def mail_sentences(row: Row) -> list[str]:
+    return [t[a:z] for t in fields(row) for a, z in sentences(t)]
+
+
+def load(paths: Iterable[Path]) -> dict[str, list[Row]]:
+    out = {}
+    for p in paths:
+        with p.open(encoding="utf-8") as f:
+            out[p.stem] = [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def _fit(texts: Sequence[str], labels: Sequence[int], c: float) -> Any:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    vec = TfidfVectorizer(analyzer=tokens, lowercase=False, sublinear_tf=True)
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    return make_pipeline(vec, clf).fit(list(texts), list(labels))
+
+
+def train(rows: Sequence[Row], c: float) -> Any:
+    texts: list[str] = []
+    labels: list[int] = []
+    unlabelled: list[list[str]] = []
+    for row in rows:
+        ss = mail_sentences(row)
+        if row["tier"] is None:
+            texts += ss
+            labels += [0] * len(ss)
+            continue
+        fired = [s for s in ss if detect("", s, learned=False).tier is not None]
+        if fired:
+            texts += ss
+            labels += [int(s in fired) for s in ss]
+        elif ss:
+            unlabelled.append(ss)
+    model = _fit(texts, labels, c)
+    if unlabelled:  # second pass: the likeliest sentence of each such mail is the crisis
+        for ss in unlabelled:
+            probs = model.predict_proba(ss)[:, 1]
+            texts.append(ss[int(probs.argmax())])
+            labels.append(1)
+        model = _fit(texts, labels, c)
+    return model
+
+
+def mail_score(model: Any, row: Row) -> float:
+    ss = mail_sentences(row)
+    return float(model.predict_proba(ss)[:, 1].max()) if ss else 0.0
+
+
+def _rp(pred: Sequence[bool], gold: Sequence[bool]) -> str:
+    tp = sum(p and g for p, g in zip(pred, gold, strict=True))
+    fp = sum(p and not g for p, g in zip(pred, gold, strict=True))
+    fn = sum(g and not p for p, g in zip(pred, gold, strict=True))
+    rec = tp / (tp + fn) if tp + fn else 1.0
+    prec = tp / (tp + fp) if tp + fp else 1.0
+    return f"recall {rec:.3f} precision {prec:.3f}"
+
+
+def report(sets: dict[str, list[Row]], c: float, thresholds: Sequence[float]) -> None:
+    print("leave-one-set-out (trained on the other sets, scored on this one):", flush=True)
+    for name, rows in sets.items():
+        model = train([r for n, rs in sets.items() if n != name for r in rs], c)
+        gold = [r["tier"] is not None for r in rows]
+        rules = [detect(r["subject"], r["body"], learned=False).tier is not None for r in rows]
+        scores = [mail_score(model, r) for r in rows]
+        for t in thresholds:
+            both = [a or s >= t for a, s in zip(rules, scores, strict=True)]
+            if any(gold):
+                print(
+                    f"  {name:12} {len(rows):4} mails  lexicon {_rp(rules, gold)}  "
+                    f"lexicon+model@{t} {_rp(both, gold)}",
+                    flush=True,
+                )
+            else:  # routine mail only: how many would raise a false alarm
+                print(
+                    f"  {name:12} {len(rows):4} routine mails  false alarms: lexicon "
+                    f"{sum(rules)}, lexicon+model@{t} {sum(both)}",
+                    flush=True,
+                )
+
+
+def export(model: Any, threshold: float) -> dict[str, Any]:
+    vec, clf = model.steps[0][1], model.steps[1][1]
+    names = vec.get_feature_names_out()
+    weights = clf.coef_[0]
+    features = {
+        str(n): [round(float(i), 5), round(float(w), 5)]
+        for n, i, w in zip(names, vec.idf_, weights, strict=True)
+    }
+    return {
+        "version": VERSION,
+        "threshold": threshold,
+        "bias": round(float(clf.intercept_[0]), 6),
+        "features": features,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--report", action="store_true", help="leave-one-set-out report only")
+    p.add_argument("--c", type=float, default=8.0, help="inverse regularisation strength")
+    p.add_argument("--threshold", type=float, default=0.8, help="probability that counts")
+    p.add_argument(
+        "--also-at", type=float, nargs="*", default=[], help="more thresholds for the report"
+    )
+    args = p.parse_args()
+    paths = sorted(x for x in DATA.glob("*.jsonl") if x.name != "golden.jsonl")
+    sets = load(paths)
+    print(f"{sum(map(len, sets.values()))} labelled mails in {len(sets)} sets", flush=True)
+    report(sets, args.c, sorted({args.threshold, *args.also_at}))
+    if args.report:
+        return
+    model = train([r for rs in sets.values() for r in rs], args.c)
+    data = export(model, args.threshold)
+    OUT.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
+    print(f"wrote {OUT.relative_to(ROOT)}: {len(data['features'])} features")
+
+
+if __name__ == "__main__":
+    main()
