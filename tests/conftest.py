@@ -24,6 +24,8 @@ import pytest
 from helpdesk import migrations
 from helpdesk.config import Settings, load_settings
 from helpdesk.db import SessionFactory, create_engine, session_factory
+from helpdesk.testing.dovecot import ImapAccount
+from helpdesk.testing.smtp import SmtpReceiver
 
 pytest_plugins = ["tests.fixtures_smtp", "tests.fixtures_dovecot"]
 
@@ -137,6 +139,25 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return load_settings(**values)
+
+
+def server_settings(
+    database_url: str, account: ImapAccount, smtp: SmtpReceiver, **overrides: Any
+) -> Settings:
+    """``make_settings`` for a worker reading a test Dovecot account and sending to a test
+    SMTP receiver, both plain on loopback."""
+    values: dict[str, Any] = {
+        "imap_host": account.host,
+        "imap_port": account.port,
+        "imap_user": account.user,
+        "imap_password": account.password,
+        "imap_security": "none",
+        "smtp_host": smtp.host,
+        "smtp_port": smtp.port,
+        "smtp_security": "none",
+    }
+    values.update(overrides)
+    return make_settings(database_url, **values)
 
 
 @pytest.fixture

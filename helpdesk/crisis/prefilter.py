@@ -660,74 +660,12 @@ def _shift(key: str, lit: Literal) -> int:
     return len(key) - 1 if lit[1] else len(key)
 
 
-def _split_top(source: str) -> list[str]:
-    """``source`` cut at its top-level ``|`` (outside groups and classes)."""
-    parts: list[str] = []
+def _top_level(source: str) -> tuple[list[int], bool]:
+    """Offsets of the top-level ``|`` of ``source`` (outside groups and classes), and
+    whether its parentheses balance with no ``)`` before its ``(``."""
+    bars: list[int] = []
     depth = 0
-    start = 0
-    i = 0
-    in_class = False
-    while i < len(source):
-        c = source[i]
-        if c == "\\":
-            i += 2
-            continue
-        if in_class:
-            if c == "]":
-                in_class = False
-        elif c == "[":
-            in_class = True
-            if source[i + 1 : i + 2] == "^":
-                i += 1
-            if source[i + 1 : i + 2] == "]":  # a literal ] first in a class
-                i += 1
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "|" and depth == 0:
-            parts.append(source[start:i])
-            start = i + 1
-        i += 1
-    parts.append(source[start:])
-    return parts
-
-
-def branches(rx: re.Pattern[str]) -> list[re.Pattern[str]]:
-    """The top-level alternatives of ``rx``, each compiled alone (``[rx]`` when none).
-
-    Every match of ``rx`` is a match of one alternative at the same offset, so running
-    each alternative under its own (rarer) gates finds at least what ``rx`` finds.
-    A pattern whose parse does not agree with the textual cut is kept whole.
-    """
-    source = rx.pattern
-    while True:  # one wrapping non-capturing group: look inside it
-        inner = _split_top(source)
-        if len(inner) == 1 and source.startswith("(?:") and source.endswith(")"):
-            candidate = source[3:-1]
-            try:
-                re.compile(candidate, rx.flags)
-            except re.error:
-                break
-            if _balanced(candidate):
-                source = candidate
-                continue
-        break
-    parts = _split_top(source)
-    if len(parts) < 2:
-        return [rx]
-    try:
-        compiled = [re.compile(p, rx.flags) for p in parts]
-    except re.error:  # the textual cut went wrong somewhere: keep the pattern whole
-        return [rx]
-    if rx.groups != sum(p.groups for p in compiled):
-        return [rx]
-    return compiled
-
-
-def _balanced(source: str) -> bool:
-    """True when ``source`` has no unmatched ``)`` at any point (outside classes)."""
-    depth = 0
+    balanced = True
     i = 0
     in_class = False
     while i < len(source):
@@ -741,13 +679,46 @@ def _balanced(source: str) -> bool:
             in_class = True
             if source[i + 1 : i + 2] == "^":
                 i += 1
-            if source[i + 1 : i + 2] == "]":
+            if source[i + 1 : i + 2] == "]":  # a literal ] first in a class
                 i += 1
         elif c == "(":
             depth += 1
         elif c == ")":
             depth -= 1
-            if depth < 0:
-                return False
+            balanced = balanced and depth >= 0
+        elif c == "|" and depth == 0:
+            bars.append(i)
         i += 1
-    return depth == 0
+    return bars, balanced and depth == 0
+
+
+def branches(rx: re.Pattern[str]) -> list[re.Pattern[str]]:
+    """The top-level alternatives of ``rx``, each compiled alone (``[rx]`` when none).
+
+    Every match of ``rx`` is a match of one alternative at the same offset, so running
+    each alternative under its own (rarer) gates finds at least what ``rx`` finds.
+    A pattern whose parse does not agree with the textual cut is kept whole.
+    """
+    source = rx.pattern
+    bars, _ = _top_level(source)
+    while not bars and source.startswith("(?:") and source.endswith(")"):
+        # one wrapping non-capturing group: look inside it
+        inner = source[3:-1]
+        inner_bars, balanced = _top_level(inner)
+        if not balanced:
+            break
+        try:
+            re.compile(inner, rx.flags)
+        except re.error:
+            break
+        source, bars = inner, inner_bars
+    if not bars:
+        return [rx]
+    parts = [source[a + 1 : z] for a, z in zip([-1, *bars], [*bars, len(source)], strict=True)]
+    try:
+        compiled = [re.compile(p, rx.flags) for p in parts]
+    except re.error:  # the textual cut went wrong somewhere: keep the pattern whole
+        return [rx]
+    if rx.groups != sum(p.groups for p in compiled):
+        return [rx]
+    return compiled

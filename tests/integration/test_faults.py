@@ -50,7 +50,7 @@ from helpdesk.testing.dovecot import DovecotServer, ImapAccount
 from helpdesk.testing.smtp import SmtpReceiver, free_port
 from helpdesk.web import create_app
 from helpdesk.worker import Worker
-from tests.conftest import PgDatabases, make_settings
+from tests.conftest import PgDatabases, make_settings, server_settings
 from tests.factories import patient_mail
 from tests.integration.test_crash import ROOT, count_rows, helpdesk_cmd, worker_env
 from tests.web.conftest import PASSWORD, login
@@ -632,23 +632,6 @@ def test_postgres_restart_mid_run(
 # --- 6. a poison mail is set aside, visible, retryable ------------------------------------------
 
 
-def imap_settings(
-    database_url: str, account: ImapAccount, smtp: SmtpReceiver, **extra: Any
-) -> Settings:
-    return make_settings(
-        database_url,
-        imap_host=account.host,
-        imap_port=account.port,
-        imap_user=account.user,
-        imap_password=account.password,
-        imap_security="none",
-        smtp_host=smtp.host,
-        smtp_port=smtp.port,
-        smtp_security="none",
-        **extra,
-    )
-
-
 async def test_poison_mail_set_aside_visible_and_retryable(
     database_url: str,
     dovecot: DovecotServer,
@@ -669,7 +652,7 @@ async def test_poison_mail_set_aside_visible_and_retryable(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tickets, "add_inbound_message", exploding)
-    settings = imap_settings(database_url, imap_account, smtp_receiver)
+    settings = server_settings(database_url, imap_account, smtp_receiver)
     engine = create_engine(settings)
     sessions = session_factory(engine)
     try:
@@ -745,7 +728,7 @@ async def test_uidvalidity_change_creates_no_duplicates(
     finally:
         client.logout()
     dovecot.append_many(imap_account.user, imap_account.password, raws[:20], folder)
-    settings = imap_settings(database_url, imap_account, smtp_receiver, imap_folder=folder)
+    settings = server_settings(database_url, imap_account, smtp_receiver, imap_folder=folder)
     engine = create_engine(settings)
     sessions = session_factory(engine)
     try:

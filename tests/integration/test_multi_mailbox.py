@@ -12,7 +12,7 @@ from helpdesk.models import MailboxState, Ticket
 from helpdesk.testing.dovecot import DovecotServer, ImapAccount
 from helpdesk.testing.smtp import SmtpReceiver
 from helpdesk.worker import Worker
-from tests.conftest import make_settings
+from tests.conftest import server_settings
 from tests.factories import SUPPORT, patient_mail
 
 pytestmark = pytest.mark.dovecot
@@ -25,16 +25,10 @@ async def test_two_mailboxes_are_watched_separately(
     smtp_receiver: SmtpReceiver,
 ) -> None:
     billing = dovecot.new_account("billing")
-    settings = make_settings(
+    settings = server_settings(
         database_url,
-        imap_host=imap_account.host,
-        imap_port=imap_account.port,
-        imap_user=imap_account.user,
-        imap_password=imap_account.password,
-        imap_security="none",
-        smtp_host=smtp_receiver.host,
-        smtp_port=smtp_receiver.port,
-        smtp_security="none",
+        imap_account,
+        smtp_receiver,
         support_address=SUPPORT,
         mailboxes=[
             {

@@ -15,7 +15,7 @@ from helpdesk.models import MailboxState, Message, Outbox, Ticket
 from helpdesk.testing.dovecot import DovecotServer, ImapAccount
 from helpdesk.testing.smtp import SmtpReceiver
 from helpdesk.worker import Worker
-from tests.conftest import make_settings
+from tests.conftest import server_settings
 from tests.factories import SUPPORT, bounce_for, patient_mail
 
 pytestmark = pytest.mark.dovecot
@@ -25,16 +25,10 @@ pytestmark = pytest.mark.dovecot
 def wsettings(
     database_url: str, imap_account: ImapAccount, smtp_receiver: SmtpReceiver
 ) -> Settings:
-    return make_settings(
+    return server_settings(
         database_url,
-        imap_host=imap_account.host,
-        imap_port=imap_account.port,
-        imap_user=imap_account.user,
-        imap_password=imap_account.password,
-        imap_security="none",
-        smtp_host=smtp_receiver.host,
-        smtp_port=smtp_receiver.port,
-        smtp_security="none",
+        imap_account,
+        smtp_receiver,
         support_address=SUPPORT,
     )
 

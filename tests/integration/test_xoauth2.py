@@ -35,7 +35,7 @@ from helpdesk.testing.oauth import IntrospectionServer
 from helpdesk.testing.smtp import SmtpReceiver
 from helpdesk.web import create_app
 from helpdesk.worker import Worker
-from tests.conftest import make_settings
+from tests.conftest import make_settings, server_settings
 from tests.factories import SUPPORT, patient_mail
 
 pytestmark = pytest.mark.dovecot
@@ -120,16 +120,10 @@ async def test_smtp_sender_logs_in_with_xoauth2_and_reports_each_login(tmp_path:
 def smtp_oauth_settings(
     database_url: str, account: ImapAccount, receiver: SmtpReceiver, token_file: Path
 ) -> Settings:
-    return make_settings(
+    return server_settings(
         database_url,
-        imap_host=account.host,
-        imap_port=account.port,
-        imap_user=account.user,
-        imap_password=account.password,
-        imap_security="none",
-        smtp_host=receiver.host,
-        smtp_port=receiver.port,
-        smtp_security="none",
+        account,
+        receiver,
         smtp_user=SUPPORT,
         smtp_auth="xoauth2",
         oauth_token_file=str(token_file),

@@ -28,7 +28,7 @@ from helpdesk.models import Escalation, Ticket
 from helpdesk.testing.dovecot import DovecotServer, ImapAccount
 from helpdesk.testing.smtp import ReceivedMessage, SmtpReceiver
 from helpdesk.worker import RunReport, Worker
-from tests.conftest import make_settings
+from tests.conftest import server_settings
 from tests.factories import SUPPORT, patient_mail
 from tests.web.conftest import ARTIFACTS, PASSWORD, LiveServer, free_port, run
 
@@ -112,16 +112,10 @@ def desk(
 ) -> Desk:
     """Crisis and routine mail delivered to Dovecot, one worker pass done, the app served."""
     port = free_port()
-    settings = make_settings(
+    settings = server_settings(
         database_url,
-        imap_host=imap_account.host,
-        imap_port=imap_account.port,
-        imap_user=imap_account.user,
-        imap_password=imap_account.password,
-        imap_security="none",
-        smtp_host=smtp_receiver.host,
-        smtp_port=smtp_receiver.port,
-        smtp_security="none",
+        imap_account,
+        smtp_receiver,
         support_address=SUPPORT,
         base_url=f"http://127.0.0.1:{port}",  # the links in the notice point at the live app
     )
