@@ -253,14 +253,16 @@ def test_sigkill_during_backlog(
 
 
 async def _lease_holders(database_url: str) -> int:
-    """How many sessions hold the mailbox lease (an advisory lock) right now."""
+    """How many sessions hold this database's mailbox lease (an advisory lock) right now."""
     unsigned = _mailbox_key("default") & 0xFFFF_FFFF_FFFF_FFFF
     url = make_url(database_url).set(drivername="postgresql")
     conn = await asyncpg.connect(url.render_as_string(hide_password=False))
     try:
         count = await conn.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1",
+            " AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1"
+            # advisory locks are per database: other tests' workers hold 'default' too
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             unsigned >> 32,
             unsigned & 0xFFFF_FFFF,
         )
