@@ -199,6 +199,7 @@ async def _run_worker(settings: Settings, *, once: bool) -> dict[str, Any] | Non
     await migrations.require_current(settings)
     async with open_database(settings) as (_engine, sessions):
         w = Worker(settings, sessions)
+        w.warm_up()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, w.request_stop)

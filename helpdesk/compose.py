@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import binascii
 import functools
+import random
 import re
+import string
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,7 +94,8 @@ def _clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 1].rstrip() + "…"
 
 
-def _address(addr_spec: str, display_name: str = "") -> Address:
+def _checked(addr_spec: str, display_name: str) -> tuple[str, str]:
+    """``(addr_spec, display name)`` fit for a header, or InvalidInputError."""
     addr_spec = safe_header_value(addr_spec).strip()
     local, at, domain = addr_spec.rpartition("@")
     if not at or not local or not domain or any(c.isspace() or c in "<>," for c in addr_spec):
@@ -105,11 +108,36 @@ def _address(addr_spec: str, display_name: str = "") -> Address:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise InvalidInputError(f"bad domain in {addr_spec[:80]!r}") from exc
-    name = _clip(fold_header_text(display_name), _MAX_NAME_CHARS)
+    return f"{local}@{domain}", _clip(fold_header_text(display_name), _MAX_NAME_CHARS)
+
+
+def _address(addr_spec: str, display_name: str = "") -> Address:
+    spec, name = _checked(addr_spec, display_name)
     try:
-        return Address(display_name=name, addr_spec=f"{local}@{domain}")
+        return Address(display_name=name, addr_spec=spec)
     except (ValueError, IndexError, HeaderParseError) as exc:
         raise InvalidInputError(f"not a mail address: {addr_spec[:80]!r}") from exc
+
+
+# An address whose local part and domain are dot-atoms of plain characters: the email
+# package takes it as it is (no quoting, no defects), so it needs no Address to check it.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+def _mailbox(addr_spec: str, display_name: str = "") -> str:
+    """``_mailbox_header(_address(addr_spec, display_name))``, several times cheaper for
+    the plain addresses nearly all mail has (this runs for every acknowledgement)."""
+    spec, name = _checked(addr_spec, display_name)
+    if _PLAIN_ADDRESS.fullmatch(spec):
+        return formataddr((name, spec), charset="utf-8")
+    return _mailbox_header(_address(addr_spec, display_name))
+
+
+@functools.lru_cache(maxsize=64)
+def _own_mailbox(addr_spec: str, display_name: str) -> str:
+    """:func:`_mailbox` for our own From, which is the same on every mail."""
+    return _mailbox(addr_spec, display_name)
 
 
 def _own_message_id(value: str) -> str:
@@ -130,7 +158,9 @@ def _their_message_id(value: str | None) -> str | None:
     return None
 
 
-def _thread_headers(msg: EmailMessage, in_reply_to: str | None, references: Sequence[str]) -> None:
+def _thread_ids(in_reply_to: str | None, references: Sequence[str]) -> tuple[str | None, str]:
+    """``(In-Reply-To, References)`` of a reply: their clean Message-IDs only, the parent
+    last in the chain, at most ``_MAX_REFERENCES`` of them ("" when there are none)."""
     parent = _their_message_id(in_reply_to)
     chain: list[str] = []
     for ref in [*references, *([parent] if parent else [])]:
@@ -139,10 +169,15 @@ def _thread_headers(msg: EmailMessage, in_reply_to: str | None, references: Sequ
             chain.append(clean)
     if len(chain) > _MAX_REFERENCES:  # RFC 5322 3.6.4: keep the root and the latest ones
         chain = [chain[0], *chain[-(_MAX_REFERENCES - 1) :]]
+    return parent, " ".join(chain)
+
+
+def _thread_headers(msg: EmailMessage, in_reply_to: str | None, references: Sequence[str]) -> None:
+    parent, chain = _thread_ids(in_reply_to, references)
     if parent:
         msg["In-Reply-To"] = parent
     if chain:
-        msg["References"] = " ".join(chain)
+        msg["References"] = chain
 
 
 def new_message_id(domain: str) -> str:
@@ -308,10 +343,46 @@ def ack_bytes(
     Serialised directly to bytes (no ``email`` policy machinery: this runs once per
     incoming mail and must stay cheap); :func:`ack_mail` gives the same mail parsed.
     """
+    composed, _mentions = _ack(
+        identity=identity,
+        to_addr=to_addr,
+        to_name=to_name,
+        reference=reference,
+        subject_template=subject_template,
+        reply_window=reply_window,
+        language=language,
+        in_reply_to=in_reply_to,
+        references=references,
+        message_id=message_id,
+        now=now,
+        crisis=crisis,
+        oncall_alerted=oncall_alerted,
+    )
+    return composed
+
+
+def _ack(
+    *,
+    identity: Identity,
+    to_addr: str,
+    to_name: str,
+    reference: str,
+    subject_template: str,
+    reply_window: str,
+    language: str,
+    in_reply_to: str | None,
+    references: Sequence[str],
+    message_id: str,
+    now: datetime,
+    crisis: bool,
+    oncall_alerted: bool,
+) -> tuple[Composed, int]:
+    """:func:`ack_bytes`, and how often the reference occurs in the subject and the two
+    bodies before they are encoded (what :func:`ack_draft` checks the bytes against)."""
     reference = safe_header_value(reference).strip()
     lang = _lang(language)
-    sender = _address(identity.address, identity.name)
-    recipient = _address(to_addr, to_name)
+    sender = _own_mailbox(identity.address, identity.name)
+    recipient = _mailbox(to_addr, to_name)
     subject = _ack_subject(subject_template, reference, lang)
     message_id = _own_message_id(message_id)
     values = _patient_values(identity, reference, lang, reply_window)
@@ -319,22 +390,21 @@ def ack_bytes(
     kind = "crisis" if crisis else "ack"
     text = _render(f"{kind}.{lang}.txt", **values)
     html = _render(f"{kind}.{lang}.html", **values)
-    holder = EmailMessage()  # only to reuse the threading rules
-    _thread_headers(holder, in_reply_to, references)
+    parent, chain = _thread_ids(in_reply_to, references)
     boundary = f"=_helpdesk_{uuid.uuid4().hex}"
     lines = [
-        _encoded_header("From", _mailbox_header(sender)),
-        _encoded_header("To", _mailbox_header(recipient)),
+        _encoded_header("From", sender),
+        _encoded_header("To", recipient),
         _encoded_header("Subject", subject),
         f"Date: {format_datetime(_aware_utc(now, 'now'))}",
         f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",
         "X-Auto-Response-Suppress: All",
     ]
-    if holder["In-Reply-To"]:
-        lines.append(f"In-Reply-To: {holder['In-Reply-To']}")
-    if holder["References"]:
-        lines.append("References: " + "\r\n ".join(str(holder["References"]).split()))
+    if parent:
+        lines.append(f"In-Reply-To: {parent}")
+    if chain:
+        lines.append("References: " + "\r\n ".join(chain.split()))
     lines += [
         "MIME-Version: 1.0",
         f'Content-Type: multipart/alternative; boundary="{boundary}"',
@@ -349,7 +419,90 @@ def ack_bytes(
             f"--{boundary}--\r\n".encode("ascii"),
         ]
     )
-    return Composed(raw=raw, message_id=message_id, subject=subject)
+    mentions = subject.count(reference) + text.count(reference) + html.count(reference)
+    return Composed(raw=raw, message_id=message_id, subject=subject), mentions
+
+
+# Characters that no step of composing rewrites: not HTML escaping, not quoted-printable,
+# not header encoding. A ticket reference (``HD-1042``) is made of them.
+_PLAIN_TOKEN = re.compile(r"[A-Za-z0-9-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class AckDraft:
+    """A routine acknowledgement composed before its ticket has a reference.
+
+    ``raw`` and ``subject`` hold ``slot`` wherever the reference goes. The slot is as long
+    as the reference is expected to be and made of characters that no encoding step
+    touches, so every line break and every encoded byte falls where it would for the
+    reference itself: :meth:`fill` is a byte substitution that gives exactly what
+    :func:`ack_bytes` makes for that reference.
+    """
+
+    raw: bytes
+    message_id: str
+    subject: str
+    slot: str
+
+    def fill(self, reference: str) -> Composed | None:
+        """The finished mail, or None when ``reference`` does not fit the slot (another
+        length, or characters an encoding would change): compose it afresh then."""
+        if len(reference) != len(self.slot) or not _PLAIN_TOKEN.fullmatch(reference):
+            return None
+        return Composed(
+            raw=self.raw.replace(self.slot.encode("ascii"), reference.encode("ascii")),
+            message_id=self.message_id,
+            subject=self.subject.replace(self.slot, reference),
+        )
+
+
+def ack_draft(
+    *,
+    reference_length: int,
+    identity: Identity,
+    to_addr: str,
+    to_name: str,
+    subject_template: str,
+    reply_window: str,
+    language: str,
+    in_reply_to: str | None,
+    references: Sequence[str],
+    message_id: str,
+    now: datetime,
+) -> AckDraft | None:
+    """The routine acknowledgement (not the crisis reply) with a slot for a reference of
+    ``reference_length`` characters, or None when the reference would not come through
+    as plain bytes (a subject template that needs RFC 2047 encoding, a line break that
+    would fall inside it). Raises like :func:`ack_bytes` on bad addresses or ids.
+
+    This lets the acknowledgement be composed away from the database work (in the
+    prepare process) and finished there with a cheap :meth:`AckDraft.fill`.
+    """
+    if reference_length < 6:  # too short for a slot that cannot occur by chance
+        return None
+    # capitals only: our Message-IDs are lower-case hex, templates are words
+    slot = "".join(random.choices(string.ascii_uppercase, k=reference_length))
+    composed, mentions = _ack(
+        identity=identity,
+        to_addr=to_addr,
+        to_name=to_name,
+        reference=slot,
+        subject_template=subject_template,
+        reply_window=reply_window,
+        language=language,
+        in_reply_to=in_reply_to,
+        references=references,
+        message_id=message_id,
+        now=now,
+        crisis=False,
+        oncall_alerted=False,
+    )
+    # Every mention must have come through whole and nothing else may look like the slot.
+    if mentions == 0 or composed.raw.count(slot.encode("ascii")) != mentions:
+        return None
+    return AckDraft(
+        raw=composed.raw, message_id=composed.message_id, subject=composed.subject, slot=slot
+    )
 
 
 def ack_mail(**kwargs: Any) -> EmailMessage:

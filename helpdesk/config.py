@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     smtp_password: SecretStr = SecretStr("")
     smtp_security: Security = "ssl"
     smtp_timeout: float = Field(default=30.0, gt=0)
+    smtp_connections: int = Field(default=2, ge=1, le=10)
+    """Connections the routine outbox delivers over at once (still at most one mail handed
+    over and not yet recorded at any moment)."""
 
     imap_auth: Literal["password", "xoauth2"] = "password"
     smtp_auth: Literal["password", "xoauth2"] = "password"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -67,8 +68,18 @@ _TRANSIENT_STREAK_LIMIT = 3
 
 
 class Sender(Protocol):
-    async def send(self, *, mail_from: str, recipient: str, raw: bytes) -> None:
-        """Deliver one mail, or raise TransientDeliveryError / PermanentDeliveryError."""
+    async def send(
+        self,
+        *,
+        mail_from: str,
+        recipient: str,
+        raw: bytes,
+        before_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Deliver one mail, or raise TransientDeliveryError / PermanentDeliveryError.
+
+        ``before_end``, when given, is awaited just before the mail is handed over for
+        good (SMTP's final dot): if it raises, the mail must not be delivered."""
 
     async def close(self) -> None: ...
 
@@ -80,10 +91,44 @@ def _reply_error(code: int, message: str) -> DeliveryError:
     return TransientDeliveryError(text)
 
 
-class SmtpSender:
-    """One reused SMTP connection (aiosmtplib), opened lazily and re-opened after a failure.
+@dataclass(eq=False)
+class _Line:
+    """One SMTP connection of a sender, and when it was last used."""
 
-    Sends one mail at a time (SMTP is a dialogue); run one sender per concurrent loop.
+    client: aiosmtplib.SMTP | None = None
+    last_used: float = 0.0
+
+
+# RFC 5321 4.5.2: a line that starts with a dot gets another one
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _data_bytes(raw: bytes) -> tuple[bytes, int]:
+    """``raw`` as DATA sends it, without the final dot (CRLF line ends, dots doubled), and
+    its size for MAIL's SIZE parameter (RFC 1870: CRLF line ends, no dot stuffing)."""
+    bare = raw.replace(b"\r\n", b"")
+    if b"\r" in bare or b"\n" in bare:
+        raw = _LINE_END.sub(b"\r\n", raw)
+    size = len(raw)
+    raw = _LEADING_DOT.sub(b"..", raw)
+    return (raw if raw.endswith(b"\r\n") else raw + b"\r\n"), size
+
+
+# An address sent as <address> exactly as written: what aiosmtplib would send after
+# parsing it, but without the parsing, which costs more than the rest of a mail's
+# commands. Anything else goes through aiosmtplib's sendmail().
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+)
+
+
+class SmtpSender:
+    """Reused SMTP connections (aiosmtplib), opened lazily and re-opened after a failure.
+
+    SMTP is a dialogue, so a connection carries one mail at a time; ``parallel`` of them
+    let that many :meth:`send` calls run at once (one connection by default).
     """
 
     def __init__(
@@ -98,6 +143,7 @@ class SmtpSender:
         ssl_context: ssl.SSLContext | None = None,
         idle_check_seconds: float = 10.0,
         name: str = "",
+        parallel: int = 1,
     ) -> None:
         if security not in ("ssl", "starttls", "none"):
             raise ConfigError(f"SMTP security must be ssl, starttls or none, not {security!r}")
@@ -111,12 +157,13 @@ class SmtpSender:
         self.oauth_token: TokenProvider | None = None  # XOAUTH2 instead of a password
         # told how each login went (None: it worked), e.g. helpdesk.logins.LoginRecorder.hook
         self.on_login: Callable[[str | None], Awaitable[None]] | None = None
-        self._client: aiosmtplib.SMTP | None = None
-        self._last_used = 0.0
-        self._lock = asyncio.Lock()
+        self.parallel = max(1, parallel)
+        self._lines: asyncio.Queue[_Line] = asyncio.Queue()
+        for _ in range(self.parallel):
+            self._lines.put_nowait(_Line())
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, lane: str = "") -> SmtpSender:
+    def from_settings(cls, settings: Settings, *, lane: str = "", parallel: int = 1) -> SmtpSender:
         if not settings.smtp_host:
             raise ConfigError("HELPDESK_SMTP_HOST is not set")
         return cls(
@@ -127,6 +174,7 @@ class SmtpSender:
             password=settings.smtp_password.get_secret_value(),
             timeout=settings.smtp_timeout,
             name=lane,
+            parallel=parallel,
         )
 
     def _new_client(self) -> aiosmtplib.SMTP:
@@ -180,55 +228,131 @@ class SmtpSender:
         if self.on_login is not None:
             await self.on_login(error)
 
-    async def _usable_client(self) -> aiosmtplib.SMTP:
-        client = self._client
+    async def _usable_client(self, line: _Line) -> aiosmtplib.SMTP:
+        client = line.client
         if client is not None and client.is_connected:
-            if time.monotonic() - self._last_used < self.idle_check_seconds:
+            if time.monotonic() - line.last_used < self.idle_check_seconds:
                 return client
             try:  # servers drop idle connections; find out before we start a mail
                 await client.noop()
                 return client
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                self._drop()
-        self._drop()
-        self._client = await self._connect()
-        return self._client
+                pass
+        _drop(line)
+        line.client = await self._connect()
+        return line.client
 
-    def _drop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    async def send(self, *, mail_from: str, recipient: str, raw: bytes) -> None:
-        async with self._lock:
-            client = await self._usable_client()
-            try:
+    async def send(
+        self,
+        *,
+        mail_from: str,
+        recipient: str,
+        raw: bytes,
+        before_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        line = await self._lines.get()
+        try:
+            client = await self._usable_client(line)
+            if _PLAIN_ADDRESS.fullmatch(mail_from) and _PLAIN_ADDRESS.fullmatch(recipient):
+                await self._send_plain(client, mail_from, recipient, raw, before_end)
+            else:
+                if before_end is not None:
+                    await before_end()
                 errors, _ = await client.sendmail(mail_from, [recipient], raw)
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                refused = exc.recipients[0]
-                raise _reply_error(refused.code, refused.message) from exc
-            except aiosmtplib.SMTPResponseException as exc:
-                if exc.code == 421:  # the server is closing the connection
-                    self._drop()
-                raise _reply_error(exc.code, exc.message) from exc
-            except (aiosmtplib.SMTPNotSupported, ValueError) as exc:
-                raise PermanentDeliveryError(f"cannot be sent: {exc}") from exc
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                self._drop()
-                raise TransientDeliveryError(f"SMTP connection failed: {exc}") from exc
-            finally:
-                self._last_used = time.monotonic()
-            if recipient in errors:  # only with several recipients; kept for completeness
-                raise _reply_error(errors[recipient].code, errors[recipient].message)
+                if recipient in errors:  # only with several recipients; kept for completeness
+                    raise _reply_error(errors[recipient].code, errors[recipient].message)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0]
+            raise _reply_error(refused.code, refused.message) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421:  # the server is closing the connection
+                _drop(line)
+            raise _reply_error(exc.code, exc.message) from exc
+        except (aiosmtplib.SMTPNotSupported, ValueError) as exc:
+            raise PermanentDeliveryError(f"cannot be sent: {exc}") from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            _drop(line)
+            raise TransientDeliveryError(f"SMTP connection failed: {exc}") from exc
+        except BaseException:  # cancelled, or before_end refused: the dialogue is cut short
+            _drop(line)
+            raise
+        finally:
+            line.last_used = time.monotonic()
+            self._lines.put_nowait(line)
+
+    async def _send_plain(
+        self,
+        client: aiosmtplib.SMTP,
+        mail_from: str,
+        recipient: str,
+        raw: bytes,
+        before_end: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        """One mail, command by command: what ``sendmail`` does for plain addresses, with
+        ``before_end`` awaited after DATA's 354, before the content and its final dot (the
+        server takes the mail at that dot)."""
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()
+        data, size = _data_bytes(raw)
+        options = [b"SIZE=%d" % size] if client.supports_extension("size") else []
+        reply = await client.execute_command(b"MAIL", f"FROM:<{mail_from}>".encode(), *options)
+        if reply.code != 250:
+            await _reset(client)
+            raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
+        reply = await client.execute_command(b"RCPT", f"TO:<{recipient}>".encode())
+        if reply.code not in (250, 251):
+            await _reset(client)
+            raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
+        reply = await client.execute_command(b"DATA")
+        if reply.code != 354:
+            await _reset(client)
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        if before_end is not None:
+            await before_end()
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        protocol.write(data + b".\r\n")  # one write: the content is cheap, round trips are not
+        try:
+            reply = await protocol.read_response(timeout=self.timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            client.close()  # a late reply would be taken for the next command's
+            raise
+        if reply.code != 250:
+            await _reset(client)
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
 
     async def close(self) -> None:
-        async with self._lock:
-            client, self._client = self._client, None
-            if client is not None and client.is_connected:
-                try:
-                    await asyncio.wait_for(client.quit(), timeout=min(self.timeout, 5.0))
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    client.close()
+        """Say goodbye on every connection (waiting for mail in flight)."""
+        lines = [await self._lines.get() for _ in range(self.parallel)]
+        try:
+            for line in lines:
+                client, line.client = line.client, None
+                if client is not None and client.is_connected:
+                    try:
+                        await asyncio.wait_for(client.quit(), timeout=min(self.timeout, 5.0))
+                    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                        client.close()
+        finally:
+            for line in lines:
+                self._lines.put_nowait(line)
+
+
+def _drop(line: _Line) -> None:
+    if line.client is not None:
+        line.client.close()
+        line.client = None
+
+
+async def _reset(client: aiosmtplib.SMTP) -> None:
+    """RSET after a refusal, as ``sendmail`` does; a failure here is not the mail's."""
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        client.close()
 
 
 async def check_smtp(settings: Settings) -> str:
@@ -482,44 +606,98 @@ async def _claim(
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class _Update:
+    """One shape of result UPDATE (which columns it sets), prepared for the recorder."""
+
+    core: sa.Update
+    sql: str  # compiled for the driver, with positional parameters...
+    names: tuple[str, ...]  # ...in this order
+    processors: dict[str, Callable[[Any], Any]]  # bind processing, by parameter name
+
+
+_DRIVERS = ("aiosqlite", "asyncpg")
+
+
 class _Recorder:
     """Records each send result on one connection held for the whole pass.
 
-    Every ``record`` is one autocommitted Core UPDATE: no session, no ORM, no checkout or
-    reset per row, so the result is durable before the next mail is sent (the at-most-one-
-    duplicate-per-kill rule) at the cost of a single round trip to the database.
+    Every ``record`` is one autocommitted UPDATE, durable before the next mail is sent (the
+    at-most-one-duplicate-per-kill rule). It is the statement the outbox runs once a mail,
+    so on aiosqlite and asyncpg it goes to the driver itself, compiled and with its bind
+    processing looked up once per shape: through SQLAlchemy's adapter a statement costs
+    aiosqlite three trips to its thread (cursor, execute, close) and the event loop several
+    times the CPU (measured a record: ~270 -> ~50 us on SQLite, ~400 -> ~200 us on
+    PostgreSQL). Any other driver takes the Core statement.
     """
 
     def __init__(self, session: AsyncSession, write_lock: asyncio.Lock | None) -> None:
         self._session = session
         self._write_lock = write_lock
         self._conn: AsyncConnection | None = None
-        self._statements: dict[tuple[str, ...], sa.Update] = {}
+        self._driver: Any = None  # the aiosqlite or asyncpg connection, when it is one
+        self._statements: dict[tuple[str, ...], _Update] = {}
+        self._busy = asyncio.Lock()  # one statement at a time on the connection (asyncpg)
 
     async def record(self, row_id: int, **values: object) -> None:
+        async with self._busy:
+            await self._record(row_id, values)
+
+    async def _record(self, row_id: int, values: dict[str, object]) -> None:
         if self._conn is None:
             self._conn = await self._session.connection(
                 execution_options={"isolation_level": "AUTOCOMMIT"}
             )
+            if self._conn.dialect.driver in _DRIVERS:
+                self._driver = (await self._conn.get_raw_connection()).driver_connection
         keys = tuple(sorted(values))
-        statement = self._statements.get(keys)
-        if statement is None:
-            statement = (
-                sa.update(OUTBOX_TABLE)
-                .where(OUTBOX_TABLE.c.id == sa.bindparam("row_id"))
-                .values(
-                    locked_by=None,
-                    locked_until=None,
-                    **{key: sa.bindparam(f"v_{key}") for key in keys},
-                )
-            )
-            self._statements[keys] = statement
-        params = {f"v_{key}": value for key, value in values.items()}
+        prepared = self._statements.get(keys) or self._prepare(self._conn.dialect, keys)
         if self._write_lock is None:
-            await self._conn.execute(statement, {"row_id": row_id, **params})
+            await self._execute(self._conn, prepared, row_id, values)
             return
         async with self._write_lock:
-            await self._conn.execute(statement, {"row_id": row_id, **params})
+            await self._execute(self._conn, prepared, row_id, values)
+
+    def _prepare(self, dialect: sa.Dialect, keys: tuple[str, ...]) -> _Update:
+        core = (
+            sa.update(OUTBOX_TABLE)
+            .where(OUTBOX_TABLE.c.id == sa.bindparam("row_id"))
+            .values(
+                locked_by=None,
+                locked_until=None,
+                **{key: sa.bindparam(f"v_{key}") for key in keys},
+            )
+        )
+        compiled = core.compile(dialect=dialect)
+        processors: dict[str, Callable[[Any], Any]] = {}
+        for key in keys:
+            process = OUTBOX_TABLE.c[key].type.bind_processor(dialect)
+            if process is not None:
+                processors[f"v_{key}"] = process
+        prepared = _Update(
+            core=core,
+            sql=compiled.string,
+            names=tuple(compiled.positiontup or ()),
+            processors=processors,
+        )
+        self._statements[keys] = prepared
+        return prepared
+
+    async def _execute(
+        self, conn: AsyncConnection, prepared: _Update, row_id: int, values: dict[str, object]
+    ) -> None:
+        params: dict[str, Any] = {f"v_{key}": value for key, value in values.items()}
+        params["row_id"] = row_id
+        if self._driver is None:
+            await conn.execute(prepared.core, params)
+            return
+        for name, process in prepared.processors.items():
+            params[name] = process(params[name])
+        args = [params.get(name) for name in prepared.names]  # locked_by/until: None
+        if conn.dialect.driver == "asyncpg":
+            await self._driver.execute(prepared.sql, *args)
+        else:  # aiosqlite: one trip to its thread; the finished cursor is simply dropped
+            await self._driver.execute(prepared.sql, args)
 
 
 async def _release(
@@ -590,7 +768,14 @@ async def _deliver(
     lock_seconds: float,
     tried_again_later: set[int],
 ) -> DeliveryReport:
-    sent = retried = failed = 0
+    run = _Pass(
+        recorder=recorder,
+        sender=sender,
+        now=now,
+        policy=policy,
+        tried_again_later=tried_again_later,
+        width=max(1, int(getattr(sender, "parallel", 1))),
+    )
     while True:
         batch = await _claim(
             sessions,
@@ -603,63 +788,147 @@ async def _deliver(
         )
         if not batch:
             break
-        streak = 0
-        for index, row in enumerate(batch):
-            attempts = row.attempts + 1
-            if now() > row.deadline_at:
-                await recorder.record(
-                    row.id,
-                    status=FAILED,
-                    last_error=_clip(f"deadline passed before delivery ({row.attempts} attempts)"),
-                )
-                failed += 1
-                continue
+        untried = await run.batch(batch)
+        if run.stop:
+            if untried:
+                await _release(sessions, worker_id, untried)
+            return DeliveryReport(run.sent, run.retried, run.failed, stopped_early=True)
+    return DeliveryReport(run.sent, run.retried, run.failed)
+
+
+@dataclass(eq=False)
+class _Pass:
+    """The rows one :func:`deliver_due` call tries: ``width`` of them on the wire at once
+    (the sender's ``parallel`` connections), each result recorded as soon as it is known.
+
+    However many mails are on the wire, at most one has been handed over (SMTP's final
+    dot) without its result recorded: ``accepting`` is held from that dot until the record
+    is written, so a kill costs at most one duplicate, as with one mail at a time. The
+    other connections meanwhile get their next mail ready up to that dot.
+    """
+
+    recorder: _Recorder
+    sender: Sender
+    now: Callable[[], datetime]
+    policy: RetryPolicy
+    tried_again_later: set[int]
+    width: int
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    streak: int = 0  # transient failures in a row
+    stop: bool = False  # the server seems down: start no more mail
+    accepting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    broken: bool = False  # a mail may be out unrecorded: hand over no more
+
+    async def batch(self, rows: Sequence[_Claimed]) -> list[int]:
+        """Try ``rows`` in order; the ids of those not started because of ``stop``."""
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            for index, row in enumerate(rows):
+                while len(pending) >= self.width:
+                    pending = await self._settle(pending)
+                if self.stop:
+                    while pending:
+                        pending = await self._settle(pending)
+                    return [r.id for r in rows[index:]]
+                pending.add(asyncio.create_task(self._one(row)))
+            while pending:
+                pending = await self._settle(pending)
+        except BaseException:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
+        return []
+
+    @staticmethod
+    async def _settle(pending: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+        """Wait for one of ``pending`` to finish; raise what it raised."""
+        done, still = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        failures = [exc for exc in (task.exception() for task in done) if exc is not None]
+        if failures:
+            pending.clear()
+            pending.update(still)  # the caller cancels these
+            raise failures[0]
+        return still
+
+    async def _one(self, row: _Claimed) -> None:
+        recorder = self.recorder
+        attempts = row.attempts + 1
+        if self.now() > row.deadline_at:
+            await recorder.record(
+                row.id,
+                status=FAILED,
+                last_error=_clip(f"deadline passed before delivery ({row.attempts} attempts)"),
+            )
+            self.failed += 1
+            return
+        holding = False
+
+        async def before_end() -> None:
+            nonlocal holding
+            await self.accepting.acquire()
+            holding = True
+            if self.broken:
+                raise TransientDeliveryError("stopped: an earlier result was not recorded")
+
+        try:
             try:
-                await sender.send(mail_from=row.mail_from, recipient=row.recipient, raw=row.raw)
+                await self.sender.send(
+                    mail_from=row.mail_from,
+                    recipient=row.recipient,
+                    raw=row.raw,
+                    before_end=before_end if self.width > 1 else None,
+                )
             except PermanentDeliveryError as exc:
                 log.warning("outbox %s to %s failed: %s", row.id, row.recipient, exc)
                 await recorder.record(
                     row.id, status=FAILED, attempts=attempts, last_error=_clip(str(exc))
                 )
-                failed += 1
-                streak = 0
-                continue
+                self.failed += 1
+                self.streak = 0
+                return
             except Exception as exc:  # any other failure is retried too, bounded by the deadline
-                if not isinstance(exc, TransientDeliveryError):
-                    log.exception("outbox %s: unexpected error from the sender", row.id)
-                error = _clip(str(exc) or type(exc).__name__)
-                current = now()
-                retry_at = current + timedelta(seconds=policy.delay(attempts, row.lane))
-                if retry_at >= row.deadline_at:
-                    await recorder.record(
-                        row.id,
-                        status=FAILED,
-                        attempts=attempts,
-                        last_error=_clip(f"deadline reached after {attempts} attempts: {error}"),
-                    )
-                    failed += 1
-                else:
-                    await recorder.record(
-                        row.id,
-                        attempts=attempts,
-                        next_attempt_at=retry_at,
-                        last_error=error,
-                    )
-                    tried_again_later.add(row.id)
-                    retried += 1
-                streak += 1
-                if streak >= _TRANSIENT_STREAK_LIMIT:
-                    rest = [r.id for r in batch[index + 1 :]]
-                    if rest:
-                        await _release(sessions, worker_id, rest)
-                    return DeliveryReport(sent, retried, failed, stopped_early=True)
-                continue
+                if self.broken:  # the pass is ending with the error that broke it: leave it
+                    return
+                await self._retry_later(row, attempts, exc)
+                return
             await recorder.record(
-                row.id, status=SENT, attempts=attempts, sent_at=now(), last_error=None
+                row.id, status=SENT, attempts=attempts, sent_at=self.now(), last_error=None
             )
-            sent += 1
-            streak = 0
-    return DeliveryReport(sent, retried, failed)
+            self.sent += 1
+            self.streak = 0
+        except BaseException:
+            if holding:
+                self.broken = True  # set before the lock goes to the next mail
+            raise
+        finally:
+            if holding:
+                self.accepting.release()
+
+    async def _retry_later(self, row: _Claimed, attempts: int, exc: Exception) -> None:
+        if not isinstance(exc, TransientDeliveryError):
+            log.exception("outbox %s: unexpected error from the sender", row.id)
+        error = _clip(str(exc) or type(exc).__name__)
+        retry_at = self.now() + timedelta(seconds=self.policy.delay(attempts, row.lane))
+        if retry_at >= row.deadline_at:
+            await self.recorder.record(
+                row.id,
+                status=FAILED,
+                attempts=attempts,
+                last_error=_clip(f"deadline reached after {attempts} attempts: {error}"),
+            )
+            self.failed += 1
+        else:
+            await self.recorder.record(
+                row.id, attempts=attempts, next_attempt_at=retry_at, last_error=error
+            )
+            self.tried_again_later.add(row.id)
+            self.retried += 1
+        self.streak += 1
+        if self.streak >= _TRANSIENT_STREAK_LIMIT:
+            self.stop = True
 
 
 async def outbox_backlog(session: AsyncSession) -> dict[str, int]:

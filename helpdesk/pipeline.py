@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -51,6 +51,7 @@ from helpdesk.parse import InboundEmail, ParseError, parse
 log = logging.getLogger(__name__)
 
 Action = Literal["created", "appended", "duplicate", "rejected"]
+_Writing = Callable[[], Awaitable[None]]
 
 
 class RawMail(Protocol):
@@ -83,6 +84,8 @@ class Prepared:
     classification: Classification | None
     error: str | None  # why it could not be parsed or classified
     crisis: CrisisResult
+    # the routine acknowledgement, drafted ahead when the mail may get one (see AckSpec)
+    ack: compose.AckDraft | None = None
 
     @property
     def message_id(self) -> str:
@@ -113,14 +116,72 @@ class BatchResult:
     enqueued_routine: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class AckSpec:
+    """What drafting acknowledgements ahead of the database work takes (see
+    :func:`compose.ack_draft`): the reference is not known until the ticket is stored, so
+    the draft has a slot as long as ``reference_length`` that the store fills."""
+
+    identity: compose.Identity
+    subject_template: str
+    reply_window: str
+    reference_length: int
+    now: datetime
+
+
+def why_no_reply(
+    email: InboundEmail, cls: Classification, own_addresses: frozenset[str]
+) -> str | None:
+    """Why this mail must not be answered, or None when it may be (the per-sender limit
+    aside, which needs the database)."""
+    if cls.robot.suppress_reply:
+        return f"{cls.robot.kind}: {cls.robot.reason}"
+    recipient = email.reply_address
+    if recipient is None or "@" not in recipient.email:
+        return "no reply address"
+    if recipient.key in own_addresses:
+        return "loop: our own address"
+    return None
+
+
+def _draft_ack(
+    email: InboundEmail, cls: Classification, spec: AckSpec, own_addresses: frozenset[str]
+) -> compose.AckDraft | None:
+    """The routine acknowledgement this mail would get if it opens a ticket; None for a
+    crisis (its reply depends on the rota) or a mail we must not answer."""
+    recipient = email.reply_address
+    if recipient is None or cls.crisis.tier is not None:
+        return None
+    if why_no_reply(email, cls, own_addresses) is not None:
+        return None
+    try:
+        return compose.ack_draft(
+            reference_length=spec.reference_length,
+            identity=spec.identity,
+            to_addr=recipient.email,
+            to_name=recipient.name,
+            subject_template=spec.subject_template,
+            reply_window=spec.reply_window,
+            language=cls.language,
+            in_reply_to=email.message_id,
+            references=[*email.references, email.message_id],
+            message_id=compose.new_message_id(spec.identity.message_id_domain),
+            now=spec.now,
+        )
+    except Exception:  # composed again when stored, where the error is dealt with
+        return None
+
+
 def prepare(
     raw: bytes,
     *,
     uid: int | None,
     own_addresses: frozenset[str],
     own_templates: Sequence[str],
+    ack: AckSpec | None = None,
 ) -> Prepared:
-    """Parse and classify one mail. Pure; never raises."""
+    """Parse and classify one mail, and draft its acknowledgement when ``ack`` is given.
+    Pure; never raises."""
     try:
         email = parse(raw)
     except ParseError as exc:
@@ -148,7 +209,8 @@ def prepare(
             f"classifier error: {type(exc).__name__}",
             classify_unreadable("classifier error"),
         )
-    return Prepared(uid, raw, email, classification, None, classification.crisis)
+    draft = None if ack is None else _draft_ack(email, classification, ack, own_addresses)
+    return Prepared(uid, raw, email, classification, None, classification.crisis, draft)
 
 
 def prepare_many(
@@ -156,12 +218,34 @@ def prepare_many(
     *,
     own_addresses: frozenset[str],
     own_templates: Sequence[str],
+    ack: AckSpec | None = None,
 ) -> list[Prepared]:
     """:func:`prepare` for a batch of ``(uid, raw)``; what the prepare process runs."""
     return [
-        prepare(raw, uid=uid, own_addresses=own_addresses, own_templates=own_templates)
+        prepare(raw, uid=uid, own_addresses=own_addresses, own_templates=own_templates, ack=ack)
         for uid, raw in mails
     ]
+
+
+_SAMPLE = (
+    b"From: Warm Up <warm.up@example.invalid>\r\nTo: help@example.invalid\r\n"
+    b"Subject: warm-up\r\nMessage-ID: <warm-up@example.invalid>\r\n\r\nHello.\r\n"
+)
+
+
+def warm_up() -> None:
+    """Prepare one made-up mail, so that what the first real one would build (the crisis
+    lexicon and model, compiled patterns, templates: ~1.5 s) is ready in this process and
+    in a prepare process forked from it, instead of holding up the first batch."""
+    identity = compose.Identity("help@example.invalid", "Warm Up", "example.invalid")
+    spec = AckSpec(identity, compose.DEFAULT_ACK_SUBJECT, "5–7 days", 7, utcnow())
+    prepare(
+        _SAMPLE,
+        uid=None,
+        own_addresses=frozenset(),
+        own_templates=compose.own_template_texts(),
+        ack=spec,
+    )
 
 
 def _mappingproxy(items: dict[str, Any]) -> MappingProxyType[str, Any]:
@@ -201,11 +285,12 @@ def prepare_pool() -> ProcessPoolExecutor | None:
 
     Parsing and the crisis detector are about half of the CPU an ingested mail costs; in
     their own process they run beside the database and SMTP work instead of before it.
-    The process is forked at once, before the caller opens sockets or takes locks it
-    should not share.
+    The process is forked at once, warmed up (see :func:`warm_up`), before the caller
+    opens sockets or takes locks it should not share.
     """
     if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return None
+    warm_up()  # the fork inherits it
     pool = ProcessPoolExecutor(
         max_workers=1,
         mp_context=multiprocessing.get_context("fork"),
@@ -267,31 +352,73 @@ class Pipeline:
         self.own_addresses = frozenset({settings.support_address.lower()})
         self.own_templates = compose.own_template_texts()
         self.write_lock: asyncio.Lock | None = None
+        # how long the next ticket's reference will be, for drafting acks ahead (see
+        # AckSpec); learnt from the last ticket stored, so only a wrong guess at a power
+        # of ten costs anything (those acks are composed when stored instead)
+        self.reference_length = len(tickets.reference_for(1))
 
     def writing(self) -> contextlib.AbstractAsyncContextManager[object]:
-        """Held around each batch transaction: ``write_lock`` when the caller shares one
-        with its other writers (the worker's outbox), so they queue in the event loop
-        instead of in SQLite's busy handler, which sleeps in steps of up to 25 ms."""
+        """Held around the writing part of each batch transaction: ``write_lock`` when the
+        caller shares one with its other writers (the worker's outbox), so they queue in
+        the event loop instead of in SQLite's busy handler, which sleeps in steps of up to
+        25 ms."""
         return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
 
-    def prepare(self, raw: bytes, uid: int | None = None) -> Prepared:
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[tuple[AsyncSession, _Writing]]:
+        """A session in a transaction, and the step that takes :meth:`writing` before its
+        first write; once taken, it is held until after the commit.
+
+        The lookups before it hold nothing: SQLite (pysqlite) starts the transaction at
+        the first write anyway, so the outbox can record its sends in the meantime.
+        """
+        async with contextlib.AsyncExitStack() as held:
+            taken = False
+
+            async def before_writes() -> None:
+                nonlocal taken
+                if not taken:
+                    taken = True
+                    await held.enter_async_context(self.writing())
+
+            async with self.sessions() as session, session.begin():
+                yield session, before_writes
+
+    def ack_spec(self) -> AckSpec:
+        return AckSpec(
+            identity=self.identity,
+            subject_template=self.settings.ack_subject,
+            reply_window=self.settings.reply_window,
+            reference_length=self.reference_length,
+            now=self.clock(),
+        )
+
+    def prepare(self, raw: bytes, uid: int | None = None, *, draft_ack: bool = False) -> Prepared:
+        """Parse and classify one mail; with ``draft_ack``, draft its acknowledgement too
+        (worth it only for mail that is about to be stored)."""
         return prepare(
-            raw, uid=uid, own_addresses=self.own_addresses, own_templates=self.own_templates
+            raw,
+            uid=uid,
+            own_addresses=self.own_addresses,
+            own_templates=self.own_templates,
+            ack=self.ack_spec() if draft_ack else None,
         )
 
     async def prepare_batch(
-        self, mails: Sequence[RawMail], *, pool: Executor | None = None
+        self, mails: Sequence[RawMail], *, pool: Executor | None = None, draft_acks: bool = True
     ) -> list[Prepared]:
-        """Parse and classify a batch: in ``pool`` (see :func:`prepare_pool`) when given, so
-        that the next batch is prepared on another core while this one is stored."""
-        if pool is None:
-            return [self.prepare(m.raw, m.uid) for m in mails]
+        """Parse, classify and (with ``draft_acks``) draft acknowledgements for a batch: in
+        ``pool`` (see :func:`prepare_pool`) when given, so that the next batch is prepared
+        on another core while this one is stored."""
         job = functools.partial(
             prepare_many,
             [(m.uid, m.raw) for m in mails],
             own_addresses=self.own_addresses,
             own_templates=self.own_templates,
+            ack=self.ack_spec() if draft_acks else None,
         )
+        if pool is None:
+            return job()
         return await asyncio.get_running_loop().run_in_executor(pool, job)
 
     async def ingest(
@@ -302,7 +429,7 @@ class Pipeline:
         uidvalidity: int | None,
     ) -> BatchResult:
         """Prepare and store one fetched batch (see :meth:`store`)."""
-        prepared = [self.prepare(m.raw, m.uid) for m in mails]
+        prepared = await self.prepare_batch(mails)
         return await self.store(prepared, folder=folder, uidvalidity=uidvalidity)
 
     async def store(
@@ -318,8 +445,14 @@ class Pipeline:
         and one that still fails is set aside as a poison mail, so it never blocks the rest.
         """
         try:
-            async with self.writing(), self.sessions() as session, session.begin():
-                return await self._store(session, prepared, folder=folder, uidvalidity=uidvalidity)
+            async with self._transaction() as (session, before_writes):
+                return await self._store(
+                    session,
+                    prepared,
+                    folder=folder,
+                    uidvalidity=uidvalidity,
+                    before_writes=before_writes,
+                )
         except Exception as exc:
             if is_unavailable(exc):
                 raise  # the database, not the mail: the worker retries the whole batch later
@@ -338,9 +471,13 @@ class Pipeline:
         total = BatchResult()
         for one in prepared:
             try:
-                async with self.writing(), self.sessions() as session, session.begin():
+                async with self._transaction() as (session, before_writes):
                     result = await self._store(
-                        session, [one], folder=folder, uidvalidity=uidvalidity
+                        session,
+                        [one],
+                        folder=folder,
+                        uidvalidity=uidvalidity,
+                        before_writes=before_writes,
                     )
             except Exception as exc:
                 if is_unavailable(exc):
@@ -360,9 +497,14 @@ class Pipeline:
     ) -> BatchResult:
         """Store crisis mail ahead of the queue (the crisis scout): same transaction rules,
         but the cursor stays put, so the main loop later meets these mails as duplicates."""
-        async with self.writing(), self.sessions() as session, session.begin():
+        async with self._transaction() as (session, before_writes):
             return await self._store(
-                session, prepared, folder=folder, uidvalidity=uidvalidity, move_cursor=False
+                session,
+                prepared,
+                folder=folder,
+                uidvalidity=uidvalidity,
+                move_cursor=False,
+                before_writes=before_writes,
             )
 
     async def _set_aside(
@@ -415,10 +557,12 @@ class Pipeline:
         folder: str,
         uidvalidity: int | None,
         move_cursor: bool = True,
+        before_writes: _Writing | None = None,
     ) -> BatchResult:
         """Store a batch with a handful of statements, whatever its size: the lookups are
         made for the whole batch, new tickets are inserted together, and everything else
-        is flushed once at the commit."""
+        is flushed once at the commit. ``before_writes`` is awaited between the lookups
+        and the first write."""
         now = self.clock()
         result = BatchResult()
         known = await tickets.known_message_ids(
@@ -434,9 +578,13 @@ class Pipeline:
                 fresh.append(p)
         readable = [p for p in fresh if p.email is not None and p.classification is not None]
         index = await tickets.ThreadIndex.load(session, [p.email for p in readable if p.email])
+        # Routine mail opens its tickets as plain rows (cheap); a batch with a crisis
+        # keeps ORM tickets throughout, which is what the escalation code works on.
+        plain = not any(p.crisis.tier is not None for p in fresh)
 
-        plans: list[tuple[Prepared, Ticket, bool, str]] = []
+        plans: list[tuple[Prepared, tickets.AnyTicket, bool, str]] = []
         created: list[Ticket] = []
+        opened: list[tickets.NewTicket] = []
         for p in readable:
             email, cls = p.email, p.classification
             assert email is not None and cls is not None
@@ -446,31 +594,41 @@ class Pipeline:
             is_new = ticket is None
             if ticket is None:
                 requester = email.reply_address or email.from_addr
-                ticket = tickets.new_ticket(
-                    session,
-                    subject=email.subject,
-                    requester=requester.key if requester else "",
-                    requester_name=requester.name if requester else "",
-                    language=cls.language,
-                    mailbox=self.mailbox,
-                    now=now,
-                    due_days=self.settings.due_days,
-                )
-                created.append(ticket)
+                values: dict[str, Any] = {
+                    "subject": email.subject,
+                    "requester": requester.key if requester else "",
+                    "requester_name": requester.name if requester else "",
+                    "language": cls.language,
+                    "mailbox": self.mailbox,
+                    "now": now,
+                    "due_days": self.settings.due_days,
+                }
+                if plain:
+                    ticket = tickets.NewTicket.open(**values)
+                    opened.append(ticket)
+                else:
+                    ticket = tickets.new_ticket(session, **values)
+                    created.append(ticket)
             index.remember(email.message_id, ticket)
             plans.append((p, ticket, is_new, kind))
-        await tickets.assign_references(session, created)
-
         since = now - timedelta(hours=self.settings.ack_limit_window_hours)
-        acks_sent = await tickets.acks_sent_since(
-            session,
-            recipients=[
-                p.email.reply_address.key
-                for p, _t, is_new, _k in plans
-                if is_new and p.email is not None and p.email.reply_address is not None
-            ],
-            since=since,
-        )
+        with session.no_autoflush:  # the new ORM tickets are written after the lock
+            acks_sent = await tickets.acks_sent_since(
+                session,
+                recipients=[
+                    p.email.reply_address.key
+                    for p, _t, is_new, _k in plans
+                    if is_new and p.email is not None and p.email.reply_address is not None
+                ],
+                since=since,
+            )
+        if before_writes is not None:
+            await before_writes()
+        await tickets.assign_references(session, created)
+        await tickets.insert_new(session, opened)
+        last = opened[-1] if opened else created[-1] if created else None
+        if last is not None and last.reference is not None:
+            self.reference_length = len(last.reference)
         writes = _Writes()
         by_prepared: dict[int, Outcome] = {}
         for p, ticket, is_new, kind in plans:
@@ -491,6 +649,7 @@ class Pipeline:
                     session, p, now=now, folder=folder, uidvalidity=uidvalidity
                 )
         await writes.write(session)
+        await tickets.finish_new(session, opened)
         fresh_ids = {id(p) for p in fresh}
         for i, p in enumerate(prepared):
             if id(p) in fresh_ids:
@@ -507,7 +666,7 @@ class Pipeline:
         self,
         session: AsyncSession,
         p: Prepared,
-        ticket: Ticket,
+        ticket: tickets.AnyTicket,
         *,
         is_new: bool,
         kind: str,
@@ -536,6 +695,8 @@ class Pipeline:
         reply = "none: not a new ticket"
         crisis_replied = False
         if p.crisis.tier is not None:
+            if not isinstance(ticket, Ticket):  # see _store: a crisis batch has ORM tickets
+                raise TypeError("a crisis mail needs an ORM ticket")
             outcome = await escalation.open_or_update(
                 session,
                 ticket=ticket,
@@ -567,6 +728,7 @@ class Pipeline:
                         now=now,
                         crisis=True,
                         oncall_alerted=outcome.oncall_configured,
+                        draft=None,
                     )
                     result.enqueued_priority += 1
                     crisis_replied = True
@@ -590,6 +752,7 @@ class Pipeline:
                     now=now,
                     crisis=False,
                     oncall_alerted=False,
+                    draft=p.ack,
                 )
                 acks_sent[recipient.key] = acks_sent.get(recipient.key, 0) + 1
                 result.enqueued_routine += 1
@@ -607,46 +770,42 @@ class Pipeline:
         )
 
     def _why_no_reply(self, email: InboundEmail, cls: Classification) -> str | None:
-        """Why this mail must not be answered, or None when it may be."""
-        if cls.robot.suppress_reply:
-            return f"{cls.robot.kind}: {cls.robot.reason}"
-        recipient = email.reply_address
-        if recipient is None or "@" not in recipient.email:
-            return "no reply address"
-        if recipient.key in self.own_addresses:
-            return "loop: our own address"
-        return None
+        return why_no_reply(email, cls, self.own_addresses)
 
     def _enqueue_ack(
         self,
         writes: _Writes,
         *,
-        ticket: Ticket,
+        ticket: tickets.AnyTicket,
         email: InboundEmail,
         cls: Classification,
         now: datetime,
         crisis: bool,
         oncall_alerted: bool,
+        draft: compose.AckDraft | None,
     ) -> None:
         recipient = email.reply_address
         assert recipient is not None and ticket.reference is not None
-        message_id = compose.new_message_id(self.identity.message_id_domain)
         references = [*email.references, email.message_id]
-        msg = compose.ack_bytes(
-            identity=self.identity,
-            to_addr=recipient.email,
-            to_name=recipient.name,
-            reference=ticket.reference,
-            subject_template=self.settings.ack_subject,
-            reply_window=self.settings.reply_window,
-            language=cls.language,
-            in_reply_to=email.message_id,
-            references=references,
-            message_id=message_id,
-            now=now,
-            crisis=crisis,
-            oncall_alerted=oncall_alerted,
-        )
+        # the draft (made with the same values in the prepare step) unless it does not fit
+        msg = None if draft is None or crisis else draft.fill(ticket.reference)
+        if msg is None:
+            msg = compose.ack_bytes(
+                identity=self.identity,
+                to_addr=recipient.email,
+                to_name=recipient.name,
+                reference=ticket.reference,
+                subject_template=self.settings.ack_subject,
+                reply_window=self.settings.reply_window,
+                language=cls.language,
+                in_reply_to=email.message_id,
+                references=references,
+                message_id=compose.new_message_id(self.identity.message_id_domain),
+                now=now,
+                crisis=crisis,
+                oncall_alerted=oncall_alerted,
+            )
+        message_id = msg.message_id
         row = outbox.new_row(
             msg=msg,
             kind="crisis_ack" if crisis else "ack",

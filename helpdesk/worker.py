@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import socket
 import time
 import uuid
@@ -47,7 +48,7 @@ from helpdesk.mailbox import (
 )
 from helpdesk.models import WorkerHeartbeat, utcnow
 from helpdesk.oauth import OAuthTokenError, TokenSource, token_source
-from helpdesk.pipeline import Pipeline, Prepared, mailbox_state, prepare_pool
+from helpdesk.pipeline import Pipeline, Prepared, mailbox_state, prepare_pool, warm_up
 from helpdesk.presence import Presence
 from helpdesk.scout import CrisisScout
 
@@ -80,6 +81,13 @@ class RunReport:
     failed: int = 0
     escalation_actions: int = 0
     elapsed: float = 0.0
+    cpu: float = 0.0  # CPU seconds of this process and its prepare process in the run
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its children that have been waited for."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def imap_mailbox(settings: Settings, tokens: TokenSource | None = None) -> ImapMailbox:
@@ -109,7 +117,9 @@ def default_sender_factory(
     recorder: logins.LoginRecorder | None = None,
 ) -> SenderFactory:
     def make(lane: str) -> outbox.Sender:
-        sender = outbox.SmtpSender.from_settings(settings, lane=lane)
+        # the priority lane carries few mails: one connection is plenty
+        parallel = 1 if lane == "priority" else settings.smtp_connections
+        sender = outbox.SmtpSender.from_settings(settings, lane=lane, parallel=parallel)
         if settings.smtp_auth == "xoauth2":
             sender.oauth_token = tokens
         if recorder is not None:
@@ -191,6 +201,7 @@ class Worker:
         self.presence = Presence(settings, self.worker_id)
         # the prepare process (see pipeline.prepare_pool), alive during run() / run_once()
         self._pool: ProcessPoolExecutor | None = None
+        self._draft_acks = True  # see poll_once
 
     # -- one pass --------------------------------------------------------------------
     async def _connected(self, watch: Watch) -> Mailbox:
@@ -241,6 +252,10 @@ class Worker:
             while ahead is not None:
                 batch, preparing = ahead
                 ahead = None if self._stop.is_set() else await self._fetch_ahead(watch, batches)
+                # The prepare process drafts the acknowledgements while it keeps up; once the
+                # store has to wait for it, they are composed at the store instead, which
+                # moves ~0.2 ms a mail to whichever side has time for it.
+                self._draft_acks = preparing.done()
                 result = await watch.pipeline.store(
                     await preparing, folder=watch.folder, uidvalidity=uidvalidity
                 )
@@ -290,12 +305,17 @@ class Worker:
         pool = self._pool
         if pool is not None:
             try:
-                return await pipeline.prepare_batch(batch, pool=pool)
+                return await pipeline.prepare_batch(batch, pool=pool, draft_acks=self._draft_acks)
             except BrokenProcessPool:
                 log.warning("the prepare process died; preparing in the worker from now on")
                 self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
         return await pipeline.prepare_batch(batch)
+
+    def warm_up(self) -> None:
+        """Build what preparing the first mail would (see :func:`pipeline.warm_up`) now, at
+        startup, rather than while the first batch waits for it."""
+        warm_up()
 
     def _start_pool(self) -> None:
         if self._pool is None:
@@ -405,14 +425,17 @@ class Worker:
         batch is parsed), and once more after the escalation timer has run."""
         report = RunReport()
         started = time.perf_counter()
+        cpu = _cpu_seconds()
         self._start_pool()  # before the presence lock: the prepare process must not hold it
         try:
             async with self.presence:
                 # rows claimed by a worker that was killed are released now, not after a timeout
                 await self.presence.reclaim(self.sessions)
-                return await self._run_once(report, started)
+                await self._run_once(report, started)
         finally:
             self._stop_pool()
+        report.cpu = round(_cpu_seconds() - cpu, 3)  # the prepare process has been reaped
+        return report
 
     async def _run_once(self, report: RunReport, started: float) -> RunReport:
         await self._heartbeat()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import SQLModel, col, select
 
-from helpdesk import models  # noqa: F401 - registers the tables on SQLModel.metadata
+from helpdesk import (
+    models,  # noqa: F401 - registers the tables on SQLModel.metadata
+    outbox,
+)
 from helpdesk.compose import DEFAULT_ACK_SUBJECT, Identity, ack_mail, new_message_id
 from helpdesk.config import load_settings
 from helpdesk.db import SessionFactory, create_engine, session_factory
@@ -192,6 +197,76 @@ async def test_delivers_everything_over_one_connection(
         )
         assert row.sent_at == T0
     assert await deliver(db, smtp, Clock()) == DeliveryReport(0, 0, 0)
+
+
+async def test_parallel_connections_hand_over_one_unrecorded_mail_at_a_time(
+    db: SessionFactory, smtp_receiver: SmtpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several mails on the wire at once, but each is handed over (SMTP's final dot) only
+    after the one before it is recorded: a kill costs at most one duplicate."""
+    ids = await add_mails(db, 30)
+    recorded_at: dict[int, float] = {}
+    record = outbox._Recorder.record
+
+    async def timed(self: outbox._Recorder, row_id: int, **values: object) -> None:
+        await record(self, row_id, **values)
+        recorded_at[row_id] = time.monotonic()
+
+    monkeypatch.setattr(outbox._Recorder, "record", timed)
+    sender = SmtpSender(
+        host=smtp_receiver.host, port=smtp_receiver.port, security="none", parallel=3
+    )
+    try:
+        assert await deliver(db, sender, Clock(), batch_size=10) == DeliveryReport(30, 0, 0)
+    finally:
+        await sender.close()
+    assert smtp_receiver.connections == 3
+    received = sorted(await smtp_receiver.wait_for(30), key=lambda m: m.received_at)
+    assert sorted(m.message_id for m in received) == sorted(ids)
+    row_of = {row.message_id: row.id for row in await rows(db)}
+    assert all(row.status == "sent" for row in await rows(db))
+    for before, after in itertools.pairwise(received):
+        assert recorded_at[row_of[before.message_id]] < after.received_at
+
+
+async def test_parallel_pass_stops_handing_over_when_a_result_cannot_be_recorded(
+    db: SessionFactory, smtp_receiver: SmtpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await add_mails(db, 10)
+    record = outbox._Recorder.record
+    calls = 0
+
+    async def failing(self: outbox._Recorder, row_id: int, **values: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError("database went away")
+        await record(self, row_id, **values)
+
+    monkeypatch.setattr(outbox._Recorder, "record", failing)
+    sender = SmtpSender(
+        host=smtp_receiver.host, port=smtp_receiver.port, security="none", parallel=3
+    )
+    try:
+        with pytest.raises(OSError, match="went away"):
+            await deliver(db, sender, Clock())
+    finally:
+        await sender.close()
+    # two recorded, the third handed over but not recorded, and nothing after it
+    await asyncio.sleep(0.2)
+    assert len(smtp_receiver.messages) == 3
+    assert [r.status for r in await rows(db)].count("sent") == 2
+
+
+async def test_unusual_addresses_go_through_sendmail(
+    smtp_receiver: SmtpReceiver, smtp: SmtpSender
+) -> None:
+    raw = b"Subject: x\r\n\r\n.leading dot\r\nhi\r\n"
+    await smtp.send(mail_from="help@clinic.test", recipient='"odd name"@example.test', raw=raw)
+    await smtp.send(mail_from="help@clinic.test", recipient="plain@example.test", raw=raw)
+    first, second = await smtp_receiver.wait_for(2)
+    assert first.rcpt_tos == ('"odd name"@example.test',)
+    assert first.raw == second.raw == raw  # dot-stuffed on the wire, unstuffed by the server
 
 
 async def test_enqueue_is_part_of_the_callers_transaction(db: SessionFactory) -> None:

@@ -96,6 +96,48 @@ async def test_question_becomes_ticket_with_one_ack(
     assert len(smtp_receiver.messages) == 1
 
 
+@pytest.mark.parametrize("guess", [7, 9], ids=["length-guessed", "length-missed"])
+async def test_acks_drafted_ahead_carry_their_tickets_reference(
+    wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver, guess: int
+) -> None:
+    """The prepare step drafts each ack with a slot as long as the next reference is
+    expected to be; a wrong guess means the store composes it afresh. Either way each
+    ack names its own ticket, and the batch's tickets are written in full."""
+    deliver(
+        *(
+            patient_mail(sender=f"Patient {i} <p{i}@patients.test>", message_id=f"<d{i}@p.test>")
+            for i in range(3)
+        )
+    )
+    worker = Worker(wsettings, db)
+    worker.pipeline.reference_length = guess
+    report = await worker.run_once()
+    assert (report.poll.created, report.sent) == (3, 3)
+    tickets = await all_tickets(db)
+    by_requester = {t.requester: t for t in tickets}
+    for ack in smtp_receiver.messages:
+        ticket = by_requester[ack.rcpt_tos[0]]
+        msg = ack.message
+        assert str(msg["Subject"]) == f"We received your message [{ticket.reference}]"
+        body = msg.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+        assert f"Your reference number is {ticket.reference}." in body
+    async with db() as session:
+        for ticket in tickets:
+            assert ticket.reference == f"HD-{ticket.id + 1000}"  # type: ignore[operator]
+            assert (ticket.status, ticket.message_count, ticket.mailbox) == ("new", 2, "default")
+            assert ticket.last_message_at == ticket.created_at == ticket.updated_at
+            kinds = (
+                await session.exec(
+                    select(Message.direction, Message.kind).where(Message.ticket_id == ticket.id)
+                )
+            ).all()
+            assert sorted(kinds) == [("inbound", "mail"), ("outbound", "ack")]
+            outbox_rows = (
+                await session.exec(select(Outbox).where(Outbox.ticket_id == ticket.id))
+            ).all()
+            assert [row.kind for row in outbox_rows] == ["ack"]
+
+
 async def test_reply_to_ack_joins_ticket_and_reopens(
     wsettings: Settings, db: SessionFactory, deliver: Any, smtp_receiver: SmtpReceiver
 ) -> None:

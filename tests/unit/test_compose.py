@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from email import policy
 from email.message import EmailMessage
@@ -358,6 +359,88 @@ def test_long_reference_chains_keep_root_and_latest() -> None:
     assert len(chain) == 20
     assert chain[0] == "<r0@x.test>"
     assert chain[-1] == "<last@x.test>"
+
+
+def ack_values(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "identity": ID,
+        "to_addr": "maria@patient.test",
+        "to_name": PATIENT_NAME,
+        "subject_template": DEFAULT_ACK_SUBJECT,
+        "reply_window": "5–7 days",
+        "language": "en",
+        "in_reply_to": "<their-1@patient.test>",
+        "references": ["<root@patient.test>"],
+        "message_id": "<ack-1@clinic.test>",
+        "now": NOW,
+    }
+    values.update(overrides)
+    return values
+
+
+def same_but_boundary(first: bytes, second: bytes) -> bool:
+    def boundary(raw: bytes) -> bytes:
+        found = re.search(rb'boundary="([^"]+)"', raw)
+        assert found is not None
+        return found.group(1)
+
+    return first.replace(boundary(first), b"B") == second.replace(boundary(second), b"B")
+
+
+@pytest.mark.parametrize("language", ["en", "es"])
+@pytest.mark.parametrize("name", ["", PATIENT_NAME, "Lopez, Maria", 'Zoë "Z" Wong'])
+@pytest.mark.parametrize("reference", ["HD-1001", "HD-99999", "HD-1000000", "HD-1234567890"])
+def test_ack_draft_filled_is_the_ack(language: str, name: str, reference: str) -> None:
+    values = ack_values(language=language, to_name=name)
+    draft = compose.ack_draft(reference_length=len(reference), **values)
+    assert draft is not None
+    assert reference.encode() not in draft.raw
+    filled = draft.fill(reference)
+    assert filled is not None
+    made = compose.ack_bytes(reference=reference, **values)
+    assert same_but_boundary(filled.raw, made.raw)
+    assert (filled.subject, filled.message_id) == (made.subject, made.message_id)
+
+
+def test_ack_draft_refuses_what_it_cannot_fill_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    draft = compose.ack_draft(reference_length=7, **ack_values())
+    assert draft is not None
+    assert draft.fill("HD-10000") is None  # another length: composed afresh instead
+    assert draft.fill("HD 1001") is None  # a character an encoding could change
+    # a subject template that needs RFC 2047 encoding hides the slot: no draft
+    encoded = ack_values(subject_template="Reçu [{reference}]")
+    assert compose.ack_draft(reference_length=7, **encoded) is None
+    # a patient's Message-ID that holds the slot would be rewritten by fill: no draft
+    monkeypatch.setattr(compose.random, "choices", lambda population, k: ["Q"] * k)
+    assert compose.ack_draft(reference_length=7, **ack_values()) is not None
+    clash = ack_values(references=["<QQQQQQQ@patient.test>"])
+    assert compose.ack_draft(reference_length=7, **clash) is None
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "maria@patient.test",
+        "Maria.Lopez+tag@Patient.Test",
+        "o'brien@x.test",
+        "weird!#$%&'*+/=?^_`{|}~-@x.test",
+        "a..b@x.test",
+        ".a@x.test",
+        "a@[192.0.2.1]",
+        '"quoted"@x.test',
+        "a@bücher.test",
+        "a(comment)@x.test",
+    ],
+)
+@pytest.mark.parametrize("name", ["", PATIENT_NAME, "Lopez, Maria", "x" * 300])
+def test_mailbox_header_shortcut_matches_the_email_package(addr: str, name: str) -> None:
+    try:
+        expected = compose._mailbox_header(compose._address(addr, name))
+    except InvalidInputError:
+        with pytest.raises(InvalidInputError):
+            compose._mailbox(addr, name)
+        return
+    assert compose._mailbox(addr, name) == expected
 
 
 def test_safe_header_value_and_fold() -> None:
