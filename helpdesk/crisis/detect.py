@@ -78,14 +78,15 @@ def _overlaps(a: int, z: int, spans: Sequence[tuple[int, int]]) -> bool:
 
 
 def _matches(
-    unit: Unit, text: str, positions: list[int], ends: list[int], sp: str
+    unit: Unit, text: str, positions: list[int], bounds: list[int], sp: str
 ) -> list[re.Match[str]]:
     """Matches of the unit's regex in windows around the trigger positions.
 
-    A window is the trigger's sentence (``ends`` holds sentence-end offsets), at most
-    ``_REACH`` characters either side: lexicon phrases do not cross a sentence end. A
-    window that lacks one of the unit's other necessary literals (``sp`` is ``text``
-    spaced, one character to the right) cannot hold a match and is skipped.
+    A window is the trigger's sentence (``bounds`` holds the text's start, its sentence
+    ends and its end), at most ``_REACH`` characters either side: lexicon phrases do not
+    cross a sentence end. A window that lacks one of the unit's other necessary literals
+    (``sp`` is ``text`` spaced, one character to the right) cannot hold a match and is
+    skipped.
     """
     rx, presence = unit.regex, unit.presence
     if unit.anchored:
@@ -96,19 +97,25 @@ def _matches(
                 out.append(m)
                 last = m.end()
         return out
-    n = len(text)
-    wins: list[tuple[int, int]] = []
+    wins: list[list[int]] = []
+    last = len(bounds) - 1
     for p in sorted(positions):
-        i = bisect_right(ends, p)
-        lo = max(p - _REACH, ends[i - 1] if i else 0, 0)
-        hi = min(p + _REACH, ends[i] if i < len(ends) else n)
+        i = bisect_right(bounds, p, 1, last)  # the sentence end after p, or the text's
+        lo = max(p - _REACH, bounds[i - 1])
+        hi = min(p + _REACH, bounds[i])
         if wins and lo <= wins[-1][1]:
-            wins[-1] = (wins[-1][0], max(hi, wins[-1][1]))
+            if hi > wins[-1][1]:
+                wins[-1][1] = hi
         else:
-            wins.append((lo, hi))
+            wins.append([lo, hi])
     if presence:
-        wins = [(lo, hi) for lo, hi in wins if all(p.search(sp, lo, hi + 2) for p in presence)]
+        wins = [w for w in wins if all(p.search(sp, w[0], w[1] + 2) for p in presence)]
     return [m for lo, hi in wins for m in rx.finditer(text, lo, hi) if m.end() > m.start()]
+
+
+def _sentence_bounds(text: str) -> list[int]:
+    """0, the end of each run of ``. ! ?``, and the text's length, in order."""
+    return [0, *[m.end() for m in _SENTENCE_END.finditer(text)], len(text)]
 
 
 def _normalised(lex: Lexicon, field: Field, raw: str) -> Normalised:
@@ -125,8 +132,9 @@ def _scan(
     found = lex.candidates(text)
     if not found:
         return []
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    sp = spaced(text)
+    # sentence bounds and spaced text are only needed by units tried in windows
+    bounds: list[int] = []
+    sp = ""
     masked: list[tuple[int, int]] | None = None
     out: list[tuple[CrisisHit, bool]] = []
     # A rule's alternatives run as separate units; like one regex scan, a rule reports
@@ -134,7 +142,9 @@ def _scan(
     by_rule: dict[int, list[tuple[int, int]]] = {}
     for ui in found:
         unit = lex.units[ui]
-        spans = [m.span() for m in _matches(unit, text, found[ui], ends, sp)]
+        if not unit.anchored and not bounds:
+            bounds, sp = _sentence_bounds(text), spaced(text)
+        spans = [m.span() for m in _matches(unit, text, found[ui], bounds, sp)]
         if spans:
             by_rule.setdefault(unit.rule, []).extend(spans)
     for ri in sorted(by_rule):
@@ -190,8 +200,8 @@ def _model_hit(
     hotline = load_lexicon().context.hotline.search
     best: tuple[float, Field, int, int] | None = None
     for field, raw, norm in fields:
-        scored = model.best(norm.text, skip=lambda sentence: hotline(sentence) is not None)
-        if scored is None or scored.probability < model.threshold:
+        scored = model.likely(norm.text, skip=lambda sentence: hotline(sentence) is not None)
+        if scored is None:
             continue
         a, z = norm.span(scored.start, scored.end)
         if own_templates and _overlaps(a, z, template_spans(raw, own_templates)):

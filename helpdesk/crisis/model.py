@@ -14,6 +14,11 @@ Invariants:
 - ``sentences`` and ``tokens`` are the ones the training script uses: a sentence scores
   here what it scored there (a test checks this against scikit-learn when present).
 - A field's score is the maximum over its sentences; the span says which sentence.
+- Speed without a different answer: ASCII text is split into words by ``str.split``
+  (the same words as ``_TOKEN``), each sentence's features are looked up at C speed and
+  summed in the order the plain formula adds them, and ``likely`` (what ``detect`` asks)
+  turns a logit into a probability, and asks ``skip``, only for a sentence that can
+  reach the threshold. Tests hold each of these to the plain definition.
 - Pure: no I/O after the weights are loaded once; nothing is logged.
 """
 
@@ -34,8 +39,17 @@ __all__ = ["Model", "ModelError", "Scored", "load_model", "sentences", "tokens"]
 MODEL_FILE = "data/crisis_model_v1.json"
 # Sentence ends: . ! ? followed by space, a blank line, or a line that starts anew.
 _SPLIT = re.compile(r"(?<=[.!?])\s+|\n[ \t>]*\n|\n(?=[ \t]*[-*•])")
+# The same ends found faster: every branch starts with a literal character, so the regex
+# engine jumps from one such character to the next; a match starting at the . ! or ?
+# ends its sentence one character later.
+_SPLIT_FAST = re.compile(r"\.\s+|!\s+|\?\s+|\n[ \t>]*\n|\n(?=[ \t]*[-*•])")
 _TOKEN = re.compile(r"\b\w[\w']*\b")
 _MIN_CHARS = 4
+# ASCII text keeps its word characters and apostrophes; all else becomes a space, so that
+# ``split`` gives the runs ``_TOKEN`` reads words from (less apostrophes at either end).
+_WORD_BYTES = bytes(
+    c if c < 128 and (chr(c).isalnum() or chr(c) in "_'") else 32 for c in range(256)
+)
 
 
 class ModelError(ValueError):
@@ -55,10 +69,13 @@ def sentences(text: str) -> list[tuple[int, int]]:
     """Spans of the sentences of ``text`` (the training script splits the same way)."""
     out: list[tuple[int, int]] = []
     last = 0
-    for m in _SPLIT.finditer(text):
-        if m.start() - last >= _MIN_CHARS:
-            out.append((last, m.start()))
-        last = m.end()
+    for m in _SPLIT_FAST.finditer(text):
+        start, end = m.span()
+        if text[start] != "\n":  # the punctuation ends the sentence
+            start += 1
+        if start - last >= _MIN_CHARS:
+            out.append((last, start))
+        last = end
     if len(text) - last >= _MIN_CHARS:
         out.append((last, len(text)))
     return out
@@ -84,8 +101,33 @@ def tokens(sentence: str) -> list[str]:
     return [w for w in words if w not in STOP_WORDS] + [f"{a} {b}" for a, b in pairwise(words)]
 
 
+class _Words:
+    """``_TOKEN.findall`` over spans of one text, by ``str.split`` when the text is ASCII."""
+
+    __slots__ = ("_ascii", "_text")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._ascii = (
+            text.encode("ascii").translate(_WORD_BYTES).decode("ascii") if text.isascii() else None
+        )
+
+    def __call__(self, start: int, end: int) -> list[str]:
+        if self._ascii is None:
+            return _TOKEN.findall(self._text, start, end)
+        runs = self._ascii[start:end]
+        words = runs.split()
+        if "'" in runs:
+            # an apostrophe is inside a word only with a word character on both sides
+            words = [w for run in words if (w := run.strip("'"))]
+        return words
+
+
 # 1 + ln(n) for a feature seen n times in a sentence (sublinear TF); longer is computed.
 _SUBLINEAR = tuple([0.0] + [1.0 + math.log(n) for n in range(1, 16)])
+# A sentence whose logit is this far below the threshold's is certainly below it (the
+# margin covers the rounding of the sigmoid, many orders of magnitude over).
+_MARGIN = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,55 +137,89 @@ class Model:
     bias: float
     # feature -> (idf, weight); every vocabulary feature counts in the L2 norm
     features: dict[str, tuple[float, float]]
-    # the same, as (idf * weight, idf ** 2, index), words and bigrams apart (first -> second)
-    _words: dict[str, tuple[float, float, int]] = field(default_factory=dict, repr=False)
-    _pairs: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict, repr=False)
+    # Built from ``features``: each feature's number (from 1), words by themselves and
+    # bigrams as (first, second), and by number its idf * weight and idf ** 2.
+    _ids: dict[str | tuple[str, str], int] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _iw: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
+    _ii: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for i, (name, (idf, weight)) in enumerate(self.features.items()):
-            pre = (idf * weight, idf * idf, i)  # i: features with equal values stay apart
+        self._iw.append(0.0)
+        self._ii.append(0.0)
+        for name, (idf, weight) in self.features.items():
+            key: str | tuple[str, str] = name
             if " " in name:
                 first, second = name.split(" ", 1)
-                self._pairs.setdefault(first, {})[second] = pre
-            else:
-                self._words[name] = pre
+                key = (first, second)
+            self._ids[key] = len(self._iw)
+            self._iw.append(idf * weight)
+            self._ii.append(idf * idf)
 
     def probability(self, sentence: str) -> float:
-        return self._probability(_TOKEN.findall(sentence))
+        return _sigmoid(self._logit(_Words(sentence)(0, len(sentence))))
 
-    def _probability(self, words: list[str]) -> float:
-        get = self._words.get
-        found = [(pre, n) for w, n in Counter(words).items() if (pre := get(w)) is not None]
-        pairs = self._pairs.get
-        found += [
-            (pre, n)
-            for (a, b), n in Counter(pairwise(words)).items()
-            if (follow := pairs(a)) is not None and (pre := follow.get(b)) is not None
-        ]
-        if not found:
-            return _sigmoid(self.bias)
+    def _logit(self, words: list[str]) -> float:
+        get = self._ids.get
+        ids = [*filter(None, map(get, words)), *filter(None, map(get, pairwise(words)))]
+        if not ids:
+            return self.bias
+        iw, ii = self._iw, self._ii
+        if len(set(ids)) == len(ids):  # the common case: every feature once
+            dot = sum(map(iw.__getitem__, ids), 0.0)
+            norm = sum(map(ii.__getitem__, ids), 0.0)
+            return self.bias + dot / math.sqrt(norm)
         dot = norm = 0.0
-        for (iw, ii, _), n in found:
+        for i, n in Counter(ids).items():
             if n == 1:
-                dot += iw
-                norm += ii
+                dot += iw[i]
+                norm += ii[i]
             else:
                 tf = _SUBLINEAR[n] if n < len(_SUBLINEAR) else 1.0 + math.log(n)
-                dot += tf * iw
-                norm += tf * tf * ii
-        return _sigmoid(self.bias + dot / math.sqrt(norm))
+                dot += tf * iw[i]
+                norm += tf * tf * ii[i]
+        return self.bias + dot / math.sqrt(norm)
 
     def best(self, text: str, skip: Callable[[str], bool] | None = None) -> Scored | None:
         """The highest-scoring sentence of ``text`` (None for a text without one), leaving
         out the sentences ``skip`` says to."""
         best: Scored | None = None
+        words = _Words(text)
         for a, z in sentences(text):
             if skip is not None and skip(text[a:z]):
                 continue
-            p = self._probability(_TOKEN.findall(text, a, z))
+            p = _sigmoid(self._logit(words(a, z)))
             if best is None or p > best.probability:
                 best = Scored(p, a, z)
         return best
+
+    def likely(self, text: str, skip: Callable[[str], bool] | None = None) -> Scored | None:
+        """``best`` when its probability reaches the threshold, else None.
+
+        Cheaper: only a sentence that reaches the threshold is ever passed to ``skip``
+        (the model's score decides first), and a logit clearly below the threshold's is
+        not turned into a probability.
+        """
+        best: Scored | None = None
+        floor = self._floor()
+        words = _Words(text)
+        for a, z in sentences(text):
+            logit = self._logit(words(a, z))
+            if logit < floor:
+                continue
+            p = _sigmoid(logit)
+            if p < self.threshold or (best is not None and p <= best.probability):
+                continue
+            if skip is not None and skip(text[a:z]):
+                continue
+            best = Scored(p, a, z)
+        return best
+
+    def _floor(self) -> float:
+        """A logit below this gives a probability below the threshold."""
+        t = self.threshold
+        return math.log(t / (1.0 - t)) - _MARGIN if 0.0 < t < 1.0 else -math.inf
 
 
 def _sigmoid(z: float) -> float:

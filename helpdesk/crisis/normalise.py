@@ -186,7 +186,7 @@ class FuzzyIndex:
         # so that the common words of a mail cost one set difference.
         self._checked: set[bytes] = set()
 
-    def candidates(self, toks: set[bytes]) -> list[bytes]:
+    def candidates(self, toks: frozenset[bytes]) -> list[bytes]:
         """Tokens worth an edit-distance check (cheap gate on length, head and tail)."""
         new = toks - self._checked
         if not new:
@@ -239,7 +239,7 @@ def token_bytes(text: str) -> bytes:
 
 
 def _stage2(
-    text: str, tb: bytes, toks: set[bytes], fuzzy: FuzzyIndex | None
+    text: str, tb: bytes, toks: frozenset[bytes], fuzzy: FuzzyIndex | None
 ) -> tuple[str, OffsetMap | None]:
     """Spaced letters, leetspeak and misspellings of the long stems, token by token."""
     repl: list[tuple[int, int, str]] = []
@@ -307,10 +307,10 @@ def normalise(raw: str, fuzzy: FuzzyIndex | None = None) -> Normalised:
     """Normalise one field; see the module docstring for what is folded."""
     t1, m1 = _stage1(raw)
     tb = token_bytes(t1)
-    toks = set(tb.split())
+    toks = frozenset(tb.split())
     t2, m2 = _stage2(t1, tb, toks, fuzzy)
     if m2 is None:
-        return Normalised(t1, (m1,), frozenset(toks))
+        return Normalised(t1, (m1,), toks)
     return Normalised(t2, (m1, m2), frozenset(token_bytes(t2).split()))
 
 

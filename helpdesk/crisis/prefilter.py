@@ -26,6 +26,8 @@ import importlib
 import re
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import accumulate, chain, repeat
+from operator import sub
 from typing import Any, Protocol
 
 # The regex parser is the only sound source of what a pattern forces; its modules are
@@ -470,7 +472,8 @@ def spaced(text: str) -> str:
     return " " + _NON_WORD.sub(" ", text)
 
 
-_RUNS = re.compile("  +")
+# A run of two spaces or more, kept by ``split``: the text between runs and the runs.
+_RUNS = re.compile("(  +)")
 
 
 class Squeezed:
@@ -479,13 +482,14 @@ class Squeezed:
     The map back is built on first use: most texts need no offsets at all.
     """
 
-    __slots__ = ("_origins", "_spaced", "_starts", "text")
+    __slots__ = ("_parts", "_removed", "_starts", "text")
 
     def __init__(self, text: str) -> None:
-        self._spaced = spaced(text)
-        self.text = _RUNS.sub(" ", self._spaced)
-        self._starts: list[int] | None = None
-        self._origins: list[int] = []
+        sp = spaced(text)
+        self._parts = _RUNS.split(sp)
+        self.text = " ".join(self._parts[::2]) if len(self._parts) > 1 else sp
+        self._starts: list[int] = []
+        self._removed: list[int] = []
 
     def unsqueeze(self, key: str, ends: list[int]) -> list[int]:
         """A key's ends here -> the ends it would have in ``spaced`` text.
@@ -493,23 +497,20 @@ class Squeezed:
         That is where its first character came from plus its length (what the shifts
         expect).
         """
-        if len(self.text) == len(self._spaced):
+        if len(self._parts) == 1:
             return ends
-        if self._starts is None:
-            starts, origins = [0], [0]
-            removed = 0
-            for m in _RUNS.finditer(self._spaced):
-                removed += m.end() - m.start() - 1
-                starts.append(m.end() - removed)
-                origins.append(m.end())
-            self._starts, self._origins = starts, origins
-        starts, origins = self._starts, self._origins
+        if not self._starts:
+            # Run i ends at offset run_ends[i] of ``spaced``; squeezing took removed[i]
+            # spaces up to there, so what follows it starts at run_ends[i] - removed[i].
+            lengths = list(map(len, self._parts))
+            run_ends = list(accumulate(lengths))[1::2]
+            removed = list(accumulate(map(sub, lengths[1::2], repeat(1))))
+            self._starts = [0, *map(sub, run_ends, removed)]
+            # by ``bisect_right(starts, offset)``: the spaces removed before that offset
+            self._removed = [0, 0, *removed]
+        starts, removed = self._starts, self._removed
         back = len(key) - 2 if key[0] == " " else len(key) - 1
-        out = []
-        for end in ends:
-            i = bisect_right(starts, end - back) - 1
-            out.append(origins[i] - starts[i] + end)
-        return out
+        return [e + removed[bisect_right(starts, e - back)] for e in ends]
 
 
 class _Scanner(Protocol):
@@ -547,47 +548,39 @@ class LiteralIndex:
 
     Each unit has one *positional* gate (where its regex is tried) and any number of
     *presence* gates (more literal sets its matches all need: the unit is skipped unless
-    each of them occurs somewhere in the text). When a presence gate is much rarer than
-    the positional one, only the presence gates are in the one-pass scan; the positional
-    literals are looked for (``str.find``) only in texts that passed them, so common
-    words cost nothing in the many mails without the rare one.
+    each of them occurs somewhere in the text). Every literal of every gate is in the
+    one-pass scan; the gates met are worked out from the set of keys found (C-level set
+    operations), and only the units that pass read their positional literals' offsets.
     """
 
-    __slots__ = ("_deferred", "_keys", "_payload", "_presence", "_scan")
+    __slots__ = ("_gates", "_keys", "_needs", "_positional", "_scan")
 
     def __init__(self, units: Sequence[tuple[int, Sequence[frozenset[Literal]]]]) -> None:
-        # A unit is (unit index, [positional gate, presence gate, ...]).
+        # A unit is (unit index, [positional gate, presence gate, ...]). Presence gate g
+        # of unit u is (u, g): it is met when a key with (u, g) in its ``_gates`` occurs,
+        # and unit u needs all of ``_needs[u]``.
         index: dict[str, int] = {}
-        payload: list[list[tuple[int, int, int]]] = []
-        needs: list[int] = []
-        deferred: dict[int, tuple[tuple[str, int], ...]] = {}
-
-        def key_of(lit: Literal) -> tuple[int, int]:
-            key = literal_key(lit)
-            if key not in index:
-                index[key] = len(index)
-                payload.append([])
-            return index[key], _shift(key, lit)
-
+        positional: list[dict[tuple[int, int], None]] = []
+        gates: list[set[tuple[int, int]]] = []
+        needs: list[frozenset[tuple[int, int]]] = []
         for u, (_, groups) in enumerate(units):
-            needs.append(len(groups) - 1)
-            positional, presence = groups[0], groups[1:]
-            defer = bool(presence) and min(map(_set_cost, presence)) * _DEFER_RATIO < _set_cost(
-                positional
-            )
-            if defer:
-                keyed = {(literal_key(lit), lit) for lit in positional}
-                deferred[u] = tuple(sorted({(k, _shift(k, lit)) for k, lit in keyed}))
+            needs.append(frozenset((u, g) for g in range(1, len(groups))))
             for g, group in enumerate(groups):
-                if g == 0 and defer:
-                    continue
                 for lit in group:
-                    k, shift = key_of(lit)
-                    payload[k].append((u, g, shift))
+                    key = literal_key(lit)
+                    if key not in index:
+                        index[key] = len(index)
+                        positional.append({})
+                        gates.append(set())
+                    k = index[key]
+                    if g:
+                        gates[k].add((u, g))
+                    else:
+                        positional[k][u, _shift(key, lit)] = None
         self._keys = tuple(index)
-        self._payload = tuple(tuple(p) for p in payload)
-        self._presence = tuple(needs)
-        self._deferred = deferred
+        self._positional = tuple(tuple(p) for p in positional)
+        self._gates = tuple(frozenset(g) for g in gates)
+        self._needs = tuple(needs)
         self._scan = _scanner(self._keys)
 
     def candidates(self, text: str) -> dict[int, list[int]]:
@@ -596,63 +589,31 @@ class LiteralIndex:
         Only units whose presence gates are all met are returned.
         """
         sqz = Squeezed(text)
-        sq = sqz.text
         ends: dict[int, list[int]] = {}
-        for end, k in self._scan.iter(sq):
+        for end, k in self._scan.iter(sqz.text):
             if k in ends:
                 ends[k].append(end)
             else:
                 ends[k] = [end]
         if not ends:
             return {}
-        where: dict[int, list[tuple[int, int]]] = {}
-        seen: dict[int, int] = {}
-        payload = self._payload
-        for k in ends:
-            for u, g, shift in payload[k]:
-                if g:
-                    seen[u] = seen.get(u, 0) | (1 << g)
-                elif u in where:
-                    where[u].append((k, shift))
-                else:
-                    where[u] = [(k, shift)]
-        needs = self._presence
+        met = frozenset(chain.from_iterable(map(self._gates.__getitem__, ends)))
+        needs, positional, keys = self._needs, self._positional, self._keys
         out: dict[int, list[int]] = {}
-        squeezed_any = len(sq) != len(text) + 1
-        unsqueezed: dict[int, list[int]] = {}
-        keys = self._keys
-        for u, ks in where.items():
-            if needs[u] and seen.get(u, 0) != (1 << (needs[u] + 1)) - 2:
-                continue
-            ps = out.setdefault(u, [])
-            for k, shift in ks:
-                es = ends[k]
-                if squeezed_any:
-                    got = unsqueezed.get(k)
-                    if got is None:
-                        got = unsqueezed[k] = sqz.unsqueeze(keys[k], es)
-                    es = got
-                ps.extend([e - shift for e in es])
-        for u, dkeys in self._deferred.items():
-            if seen.get(u, 0) != (1 << (needs[u] + 1)) - 2:
-                continue
-            ps = []
-            for key, shift in dkeys:
-                es = []
-                p = sq.find(key)
-                while p >= 0:
-                    es.append(p + len(key) - 1)
-                    p = sq.find(key, p + 1)
-                if es and squeezed_any:
-                    es = sqz.unsqueeze(key, es)
-                ps.extend([e - shift for e in es])
-            if ps:
-                out[u] = ps
+        for k, es in ends.items():
+            moved = False
+            for u, shift in positional[k]:
+                if not needs[u] <= met:
+                    continue
+                if not moved:
+                    es = sqz.unsqueeze(keys[k], es)
+                    moved = True
+                offsets = [e - shift for e in es]
+                if u in out:
+                    out[u] += offsets
+                else:
+                    out[u] = offsets
         return out
-
-
-# A presence gate this many times rarer than the positional one goes first (see above).
-_DEFER_RATIO = 2.0
 
 
 def _shift(key: str, lit: Literal) -> int:

@@ -27,8 +27,9 @@ from helpdesk.crisis.normalise import squash
 __all__ = ["mask", "quoted_spans", "strip_quoted", "template_spans"]
 
 _QUOTE_LINE = re.compile(r"^[ \t]*>[^\n]*(?:\n|$)", re.M)
-_TO_END = re.compile(
-    r"^[ \t]*(?:"
+# What starts an attribution or header block (it counts only at the start of a line).
+_ATTRIBUTION = (
+    r"[ \t]*(?:"
     # "On Mon, 3 Jun 2024 at 10:02, Help Desk <help@x> wrote:" possibly over two lines
     r"On\b[^\n]{0,250}(?:\n[^\n]{0,250})?\bwrote:[ \t]*$"
     r"|El\b[^\n]{0,250}(?:\n[^\n]{0,250})?\bescribi(?:o|ó|\u0301o):[ \t]*$"
@@ -37,9 +38,12 @@ _TO_END = re.compile(
     r"|_{10,}[ \t]*\n[ \t]*(?:From|De):"
     r"|(?:From|De|\*From:\*)[ \t]*:?[^\n]*\n(?:[^\n]*\n){0,3}?[ \t]*\*?"
     r"(?:Sent|Date|Enviado|Fecha|Enviado el)\*?[ \t]*:"
-    r")",
-    re.M | re.I,
+    r")"
 )
+_TO_END = re.compile("^" + _ATTRIBUTION, re.M | re.I)
+# The same after a line break: with a literal first character the regex engine skips
+# from one line break to the next instead of trying every offset.
+_TO_END_LATER = re.compile(r"\n" + _ATTRIBUTION, re.M | re.I)
 _HTML_TO_END = re.compile(
     r"<div[^>]*\b(?:id=[\"']?(?:divRplyFwdMsg|appendonsend)|class=[\"']?gmail_quote"
     r"(?![\w-]))",
@@ -78,10 +82,18 @@ def quoted_spans(text: str) -> list[tuple[int, int]]:
             h = _HTML_TO_END.search(text)
             if h:
                 spans.append((h.start(), len(text)))
-    m = _TO_END.search(text)
-    if m:
-        spans.append((m.start(), len(text)))
+    start = _to_end(text)
+    if start is not None:
+        spans.append((start, len(text)))
     return _merge(spans)
+
+
+def _to_end(text: str) -> int | None:
+    """Where the first attribution or header block starts (``_TO_END.search``)."""
+    if _TO_END.match(text):
+        return 0
+    m = _TO_END_LATER.search(text)
+    return None if m is None else m.start() + 1
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
