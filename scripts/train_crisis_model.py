@@ -151,7 +151,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--report", action="store_true", help="leave-one-set-out report only")
     p.add_argument("--c", type=float, default=8.0, help="inverse regularisation strength")
-    p.add_argument("--threshold", type=float, default=0.8, help="probability that counts")
+    p.add_argument("--threshold", type=float, default=0.7, help="probability that counts")
     p.add_argument(
         "--also-at", type=float, nargs="*", default=[], help="more thresholds for the report"
     )
