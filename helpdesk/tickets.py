@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -145,17 +146,16 @@ def new_ticket(
     due_days: int,
 ) -> Ticket:
     """A new ticket, added to the session; its reference is set by ``assign_references``."""
-    ticket = Ticket(
-        subject=subject[:998],
-        requester=requester.lower()[:320],
-        requester_name=requester_name[:200],
+    values = NewTicket.open(
+        subject=subject,
+        requester=requester,
+        requester_name=requester_name,
         language=language,
         mailbox=mailbox,
-        created_at=now,
-        updated_at=now,
-        last_message_at=now,
-        due_at=now + timedelta(days=due_days),
+        now=now,
+        due_days=due_days,
     )
+    ticket = Ticket(**dataclasses.asdict(values))  # one place for a new ticket's values
     session.add(ticket)
     return ticket
 
