@@ -10,6 +10,11 @@ crisis mail the sentences where the lexicon fires are positive. A crisis mail wh
 lexicon finds nothing gets its highest-scoring sentence under a first-pass model as its
 positive (its other sentences are left out rather than called negative).
 
+A second, multinomial model over the same features names the category of a model hit:
+it learns from the sentences where the lexicon fires, labelled with their mail's category,
+and is written to helpdesk/data/crisis_category_v1.json (--category-report: how often it
+is right on held-out sets, from the sentence the crisis model finds likeliest).
+
 The report trains on all sets but one and scores the one left out, for each set in turn:
 recall and precision of the lexicon alone and of lexicon + model at the threshold. Sets
 written by different people make this an estimate for wording nobody here has seen.
@@ -28,13 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from helpdesk.crisis import detect  # noqa: E402
-from helpdesk.crisis.model import MODEL_FILE, sentences, tokens  # noqa: E402
+from helpdesk.crisis.model import CATEGORY_FILE, MODEL_FILE, sentences, tokens  # noqa: E402
 from helpdesk.crisis.normalise import normalise  # noqa: E402
 from helpdesk.crisis.quotes import mask, quoted_spans  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "crisis"
 OUT = ROOT / "helpdesk" / MODEL_FILE
+CATEGORY_OUT = ROOT / "helpdesk" / CATEGORY_FILE
 VERSION = "crisis-model-v1"
+CATEGORY_VERSION = "crisis-category-v1"
 
 Row = dict[str, Any]
 
@@ -147,6 +154,77 @@ def export(model: Any, threshold: float) -> dict[str, Any]:
     }
 
 
+def category_examples(rows: Sequence[Row]) -> tuple[list[str], list[str]]:
+    """Sentences of crisis mails where the lexicon fires, labelled with the mail's category."""
+    texts: list[str] = []
+    labels: list[str] = []
+    for row in rows:
+        if row["tier"] is None or not row.get("category"):
+            continue
+        for s in mail_sentences(row):
+            if detect("", s, learned=False).tier is not None:
+                texts.append(s)
+                labels.append(row["category"])
+    return texts, labels
+
+
+def train_category(rows: Sequence[Row], c: float) -> Any:
+    """Which kind of crisis a sentence is about: multinomial logistic regression over the
+    same features as the crisis model."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    texts, labels = category_examples(rows)
+    vec = TfidfVectorizer(analyzer=tokens, lowercase=False, sublinear_tf=True)
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+    return make_pipeline(vec, clf).fit(texts, labels)
+
+
+def category_report(sets: dict[str, list[Row]], c: float) -> None:
+    """For each held-out set: how often the category model names a crisis mail's category
+    from the sentence the crisis model finds likeliest (the sentence a model hit reports),
+    on the mails the lexicon misses (where the model is the only opinion) and on all."""
+    print("category of a model hit, leave-one-set-out:", flush=True)
+    for name, rows in sets.items():
+        crisis = [r for r in rows if r["tier"] is not None and r.get("category")]
+        if not crisis:
+            continue
+        rest = [r for n, rs in sets.items() if n != name for r in rs]
+        scorer, namer = train(rest, c), train_category(rest, c)
+        right = missed = missed_right = 0
+        for r in crisis:
+            ss = mail_sentences(r)
+            if not ss:
+                continue
+            best = ss[int(scorer.predict_proba(ss)[:, 1].argmax())]
+            ok = namer.predict([best])[0] == r["category"]
+            right += ok
+            if detect(r["subject"], r["body"], learned=False).tier is None:
+                missed += 1
+                missed_right += ok
+        print(
+            f"  {name:12} right on {right}/{len(crisis)} crisis mails; "
+            f"on the {missed} the lexicon misses: {missed_right}",
+            flush=True,
+        )
+
+
+def export_category(model: Any) -> dict[str, Any]:
+    vec, clf = model.steps[0][1], model.steps[1][1]
+    names = vec.get_feature_names_out()
+    features = {
+        str(n): [round(float(i), 5), [round(float(w), 4) for w in clf.coef_[:, k]]]
+        for k, (n, i) in enumerate(zip(names, vec.idf_, strict=True))
+    }
+    return {
+        "version": CATEGORY_VERSION,
+        "classes": [str(c) for c in clf.classes_],
+        "bias": [round(float(b), 6) for b in clf.intercept_],
+        "features": features,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--report", action="store_true", help="leave-one-set-out report only")
@@ -155,10 +233,16 @@ def main() -> None:
     p.add_argument(
         "--also-at", type=float, nargs="*", default=[], help="more thresholds for the report"
     )
+    p.add_argument(
+        "--category-report", action="store_true", help="leave-one-set-out category report only"
+    )
     args = p.parse_args()
     paths = sorted(x for x in DATA.glob("*.jsonl") if x.name != "golden.jsonl")
     sets = load(paths)
     print(f"{sum(map(len, sets.values()))} labelled mails in {len(sets)} sets", flush=True)
+    if args.category_report:
+        category_report(sets, args.c)
+        return
     report(sets, args.c, sorted({args.threshold, *args.also_at}))
     if args.report:
         return
@@ -166,6 +250,10 @@ def main() -> None:
     data = export(model, args.threshold)
     OUT.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}: {len(data['features'])} features")
+    rows = [r for rs in sets.values() for r in rs]
+    named = export_category(train_category(rows, args.c))
+    CATEGORY_OUT.write_text(json.dumps(named, ensure_ascii=False, separators=(",", ":")) + "\n")
+    print(f"wrote {CATEGORY_OUT.relative_to(ROOT)}: {len(named['classes'])} categories")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ literal scan, then each rule only near its literals), drop hits inside quoted
 replies or our own templates, weigh each remaining hit in its sentence, and return the
 most urgent tier with every hit, where it is and why. When no rule fires, a learned model
 (``model``) scores each sentence; a likely crisis sentence is a tier-2 hit of its own
-(rule id ``model.<version>``, category ``unclassified``), so wording the lexicon has
-never seen still escalates.
+(rule id ``model.<version>``, its category named by a second model from that sentence),
+so wording the lexicon has never seen still escalates.
 
 Invariants:
 - ``detect`` never raises on str input: an internal failure answers tier 2 with
@@ -29,7 +29,7 @@ from typing import Literal
 
 from helpdesk.crisis.context import assess
 from helpdesk.crisis.lexicon import Lexicon, Unit, load_lexicon
-from helpdesk.crisis.model import load_model
+from helpdesk.crisis.model import load_category_model, load_model
 from helpdesk.crisis.normalise import Normalised, normalise
 from helpdesk.crisis.prefilter import spaced
 from helpdesk.crisis.quotes import mask, quoted_spans, template_spans
@@ -39,8 +39,6 @@ __all__ = ["CrisisHit", "CrisisResult", "detect"]
 Field = Literal["subject", "body"]
 _MAX_HITS = 50
 _SENTENCE_END = re.compile(r"[.!?]+")
-# A hit from the learned model says "crisis language", not which kind.
-MODEL_CATEGORY = "unclassified"
 # Half-width of the window scanned around a trigger: longer than any lexicon match.
 _REACH = 130
 
@@ -198,7 +196,7 @@ def _model_hit(
     # Like a bare mention in the lexicon, a sentence about hotlines and emergency rooms
     # (return precautions, signatures, newsletters) is not the patient's crisis.
     hotline = load_lexicon().context.hotline.search
-    best: tuple[float, Field, int, int] | None = None
+    best: tuple[float, Field, int, int, str] | None = None
     for field, raw, norm in fields:
         scored = model.likely(norm.text, skip=lambda sentence: hotline(sentence) is not None)
         if scored is None:
@@ -207,12 +205,13 @@ def _model_hit(
         if own_templates and _overlaps(a, z, template_spans(raw, own_templates)):
             continue
         if best is None or scored.probability > best[0]:
-            best = (scored.probability, field, a, z)
+            best = (scored.probability, field, a, z, norm.text[scored.start : scored.end])
     if best is None:
         return None
-    p, field, a, z = best
+    p, field, a, z, sentence = best
+    category = load_category_model().category(sentence)
     reason = f"learned model ({model.version}): p={p:.2f}"
-    return CrisisHit(f"model.{model.version}", MODEL_CATEGORY, 2, field, a, z, reason)
+    return CrisisHit(f"model.{model.version}", category, 2, field, a, z, reason)
 
 
 def detect(

@@ -34,9 +34,19 @@ from functools import lru_cache
 from importlib import resources
 from itertools import pairwise
 
-__all__ = ["Model", "ModelError", "Scored", "load_model", "sentences", "tokens"]
+__all__ = [
+    "CategoryModel",
+    "Model",
+    "ModelError",
+    "Scored",
+    "load_category_model",
+    "load_model",
+    "sentences",
+    "tokens",
+]
 
 MODEL_FILE = "data/crisis_model_v1.json"
+CATEGORY_FILE = "data/crisis_category_v1.json"
 # Sentence ends: . ! ? followed by space, a blank line, or a line that starts anew.
 _SPLIT = re.compile(r"(?<=[.!?])\s+|\n[ \t>]*\n|\n(?=[ \t]*[-*•])")
 # The same ends found faster: every branch starts with a literal character, so the regex
@@ -252,3 +262,56 @@ def load_model() -> Model:
         return parse_model(json.loads(raw))
     except json.JSONDecodeError as exc:
         raise ModelError(f"cannot parse model: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class CategoryModel:
+    """Which kind of crisis a sentence the crisis model flagged is about: multinomial
+    logistic regression over the same features (sublinear TF-IDF, L2-normalised). It runs
+    only for a model hit, so it is written for clarity, not speed."""
+
+    version: str
+    classes: tuple[str, ...]
+    bias: tuple[float, ...]
+    # feature -> (idf, one weight per class)
+    features: dict[str, tuple[float, tuple[float, ...]]]
+
+    def category(self, sentence: str) -> str:
+        counts = Counter(f for f in tokens(sentence) if f in self.features)
+        scores = list(self.bias)
+        if counts:
+            values = {f: (1.0 + math.log(n)) * self.features[f][0] for f, n in counts.items()}
+            norm = math.sqrt(sum(v * v for v in values.values()))
+            for f, v in values.items():
+                for k, w in enumerate(self.features[f][1]):
+                    scores[k] += w * v / norm
+        return self.classes[max(range(len(scores)), key=scores.__getitem__)]
+
+
+def parse_category_model(data: object) -> CategoryModel:
+    if not isinstance(data, dict):
+        raise ModelError("category model file is not a JSON object")
+    try:
+        classes = tuple(str(c) for c in data["classes"])
+        bias = tuple(float(b) for b in data["bias"])
+        feats = {
+            str(name): (float(idf), tuple(float(w) for w in weights))
+            for name, (idf, weights) in data["features"].items()
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"category model file is malformed: {exc!r}") from exc
+    if not classes or len(bias) != len(classes):
+        raise ModelError("category model file has no classes or a bias per class missing")
+    if any(len(w) != len(classes) for _, w in feats.values()):
+        raise ModelError("category model file has a feature without a weight per class")
+    return CategoryModel(str(data["version"]), classes, bias, feats)
+
+
+@lru_cache(maxsize=1)
+def load_category_model() -> CategoryModel:
+    """The packaged category model, parsed once per process."""
+    raw = resources.files("helpdesk").joinpath(CATEGORY_FILE).read_bytes()
+    try:
+        return parse_category_model(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"cannot parse category model: {exc}") from exc

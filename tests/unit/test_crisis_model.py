@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from helpdesk.crisis import detect
-from helpdesk.crisis.model import Model, ModelError, load_model, parse_model, sentences, tokens
+from helpdesk.crisis.lexicon import load_lexicon
+from helpdesk.crisis.model import (
+    Model,
+    ModelError,
+    load_category_model,
+    load_model,
+    parse_category_model,
+    parse_model,
+    sentences,
+    tokens,
+)
 
 detect_module = importlib.import_module("helpdesk.crisis.detect")
 DATA = Path(__file__).resolve().parents[1] / "data" / "crisis"
@@ -67,14 +77,14 @@ def _tiny() -> Model:
     )
 
 
-def test_a_model_hit_is_tier_2_unclassified_with_offsets_into_the_original(
+def test_a_model_hit_is_tier_2_with_a_category_and_offsets_into_the_original(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(detect_module, "load_model", _tiny)
     body = "Hello team.\n\nLately I just want to ZORBLAX.\n\nThanks, Pat"
     res = detect("question", body)
     assert res.tier == 2
-    assert res.category == "unclassified"
+    assert res.category in load_category_model().classes
     (hit,) = res.hits
     assert hit.rule_id == "model.t1"
     assert hit.field == "body"
@@ -125,3 +135,50 @@ def test_every_labelled_crisis_mail_is_found_with_the_model() -> None:
         if r["tier"] is not None and detect(str(r["subject"]), str(r["body"])).tier is None
     ]
     assert not missed
+
+
+@pytest.mark.parametrize(
+    ("sentence", "category"),
+    [
+        ("i took all my pills an hour ago", "overdose"),
+        ("my chest feels like an elephant is sitting on it", "chest_pain"),
+        ("he said he will kill me tonight", "abuse"),
+        ("my face is drooping and my words are slurred", "stroke"),
+        ("i cant breathe and my lips are blue", "breathing"),
+    ],
+)
+def test_the_category_model_names_the_kind_of_crisis(sentence: str, category: str) -> None:
+    assert load_category_model().category(sentence) == category
+
+
+def test_a_model_hit_gets_the_category_of_its_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detect_module, "load_model", _tiny)
+    res = detect("", "Thanks.\n\nThe whole box of my sleeping tablets, zorblax.\n")
+    assert (res.tier, res.category) == (2, "overdose")
+
+
+def test_the_packaged_category_model_covers_every_lexicon_category() -> None:
+    model = load_category_model()
+    rule_categories = {rule.category for rule in load_lexicon().rules}
+    assert set(model.classes) <= rule_categories
+    assert {"suicidal_ideation", "overdose", "chest_pain", "stroke", "abuse"} <= set(model.classes)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"version": "c", "classes": ["a", "b"], "bias": [0.0], "features": {}},
+        {
+            "version": "c",
+            "classes": ["a", "b"],
+            "bias": [0.0, 0.0],
+            "features": {"x": [1.0, [1.0]]},
+        },
+        {"version": "c", "classes": ["a"], "bias": [0.0], "features": {"x": ["idf", [1.0]]}},
+        {"version": "c", "bias": [0.0], "features": {}},
+    ],
+)
+def test_a_malformed_category_model_is_refused(data: object) -> None:
+    with pytest.raises(ModelError):
+        parse_category_model(data)
