@@ -44,6 +44,7 @@ from helpdesk import compose, escalation, outbox, tickets
 from helpdesk.classify import Classification, classify, classify_unreadable
 from helpdesk.config import Settings
 from helpdesk.crisis import CrisisResult, detect
+from helpdesk.crisis.model import load_category_model
 from helpdesk.db import SessionFactory
 from helpdesk.models import MailboxState, Message, RejectedMail, Ticket, utcnow
 from helpdesk.parse import InboundEmail, ParseError, parse
@@ -246,6 +247,7 @@ def warm_up() -> None:
         own_templates=compose.own_template_texts(),
         ack=spec,
     )
+    load_category_model()  # used only by a model hit, which the sample does not make
 
 
 def _mappingproxy(items: dict[str, Any]) -> MappingProxyType[str, Any]:
