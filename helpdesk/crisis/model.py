@@ -254,14 +254,19 @@ def parse_model(data: object) -> Model:
         raise ModelError(f"model file is malformed: {exc!r}") from exc
 
 
+def _packaged_json(path: str, what: str) -> object:
+    """A JSON file shipped in the package, or ModelError naming ``what`` it holds."""
+    raw = resources.files("helpdesk").joinpath(path).read_bytes()
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"cannot parse {what}: {exc}") from exc
+
+
 @lru_cache(maxsize=1)
 def load_model() -> Model:
     """The packaged model, parsed once per process."""
-    raw = resources.files("helpdesk").joinpath(MODEL_FILE).read_bytes()
-    try:
-        return parse_model(json.loads(raw))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"cannot parse model: {exc}") from exc
+    return parse_model(_packaged_json(MODEL_FILE, "model"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,8 +315,4 @@ def parse_category_model(data: object) -> CategoryModel:
 @lru_cache(maxsize=1)
 def load_category_model() -> CategoryModel:
     """The packaged category model, parsed once per process."""
-    raw = resources.files("helpdesk").joinpath(CATEGORY_FILE).read_bytes()
-    try:
-        return parse_category_model(json.loads(raw))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"cannot parse category model: {exc}") from exc
+    return parse_category_model(_packaged_json(CATEGORY_FILE, "category model"))

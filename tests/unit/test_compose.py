@@ -37,12 +37,12 @@ HEALTH_SUBJECT = "my HIV test results and my oxycodone dose"
 PATIENT_NAME = "Maria Lopez-Garcia"
 
 
-def ack(**overrides: Any) -> EmailMessage:
+def ack_values(**overrides: Any) -> dict[str, Any]:
+    """The acknowledgement's arguments, all but its reference."""
     values: dict[str, Any] = {
         "identity": ID,
         "to_addr": "maria@patient.test",
         "to_name": PATIENT_NAME,
-        "reference": "HD-1042",
         "subject_template": DEFAULT_ACK_SUBJECT,
         "reply_window": "5–7 days",
         "language": "en",
@@ -52,7 +52,11 @@ def ack(**overrides: Any) -> EmailMessage:
         "now": NOW,
     }
     values.update(overrides)
-    return ack_mail(**values)
+    return values
+
+
+def ack(**overrides: Any) -> EmailMessage:
+    return ack_mail(**ack_values(**{"reference": "HD-1042", **overrides}))
 
 
 def reply(**overrides: Any) -> EmailMessage:
@@ -359,23 +363,6 @@ def test_long_reference_chains_keep_root_and_latest() -> None:
     assert len(chain) == 20
     assert chain[0] == "<r0@x.test>"
     assert chain[-1] == "<last@x.test>"
-
-
-def ack_values(**overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "identity": ID,
-        "to_addr": "maria@patient.test",
-        "to_name": PATIENT_NAME,
-        "subject_template": DEFAULT_ACK_SUBJECT,
-        "reply_window": "5–7 days",
-        "language": "en",
-        "in_reply_to": "<their-1@patient.test>",
-        "references": ["<root@patient.test>"],
-        "message_id": "<ack-1@clinic.test>",
-        "now": NOW,
-    }
-    values.update(overrides)
-    return values
 
 
 def same_but_boundary(first: bytes, second: bytes) -> bool:
