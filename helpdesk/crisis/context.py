@@ -1,18 +1,23 @@
 """Reading the words around a lexicon hit: does it count, and how urgent is it?
 
 Job: given a rule that matched normalised text at ``[start, end)``, decide from the
-surrounding sentence whether the hit is dropped (idiom, excluded phrase, hotline or
-signature text, an informational or someone else's past medical event) or lowered to
-tier 2 (negated, historical, third-person, hypothetical), and say why.
+surrounding sentence whether the hit is dropped (idiom, a joke with nothing earnest
+beside it, excluded phrase, hotline or signature text, an informational or someone
+else's past medical event, a symptom stated as absent) or lowered to tier 2 (negated,
+historical, third-person, hypothetical), and say why.
 
 Invariants:
 - Context never raises a tier and never clears a suicide or self-harm hit except as an
-  idiom, an excluded phrase or hotline/signature text: a negated, past, reported or
-  hypothetical mention of suicide is still tier 2 ("in doubt, escalate").
+  idiom, a joke (a laughter or kidding cue in its sentence and no earnest cue: no "not
+  joking", no means, plan or time word; never a medical hit: "probably just anxiety
+  lol" after chest pain is still chest pain), an excluded phrase or hotline/signature text: a
+  negated, past, reported or hypothetical mention of suicide is still tier 2 ("in
+  doubt, escalate").
 - Cues are looked for inside the hit's sentence only (sentences end at ``. ! ? ;`` or a
   blank line, not at a single line break, because mail clients wrap lines); negation
   only in the last five words before the hit, inside the same clause, and not when a
-  first-person word stands between the cue and the hit.
+  first-person word stands between the cue and the hit. A rule's ``near`` patterns are
+  the one exception: they may be in a neighbouring sentence, within ``NEAR`` characters.
 - Pure: the verdict depends on the text, the rule and the compiled cues only.
 """
 
@@ -25,13 +30,17 @@ from helpdesk.crisis.lexicon import Context, Rule
 
 __all__ = ["Verdict", "assess"]
 
-# Sentence boundaries: a run of . ! ? ; before a space or the end, or a blank line. Each
+# Sentence boundaries: a run of . ! ? ; before a space or the end, or a blank line; not
+# the dot of a title ("dr. fisher said the pain..." is one sentence). Each
 # branch starts with its own literal character (rather than one class for the run), so
 # the regex engine skips ahead to the next candidate instead of trying every offset.
 _BOUNDARY = re.compile(
-    r"\.[.!?;]*(?=\s|$)|![.!?;]*(?=\s|$)|\?[.!?;]*(?=\s|$)|;[.!?;]*(?=\s|$)|\n[ \t>]*\n"
+    r"\.(?<!\bdr\.)(?<!\bdra\.)(?<!\bmr\.)(?<!\bmrs\.)(?<!\bms\.)(?<!\bsr\.)(?<!\bsra\.)"
+    r"[.!?;]*(?=\s|$)|![.!?;]*(?=\s|$)|\?[.!?;]*(?=\s|$)|;[.!?;]*(?=\s|$)|\n[ \t>]*\n"
 )
 _WINDOW = 240
+# How far from a hit a rule's ``near`` patterns are looked for (either side, same field).
+NEAR = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +105,19 @@ def _past_only(sentence: str, ctx: Context) -> bool:
     return bool(_YEAR.search(sentence) or _RECOVERED.search(sentence))
 
 
+def _near(rule: Rule, text: str, start: int, end: int, ctx: Context) -> bool:
+    """Every ``near`` pattern of the rule matches within ``NEAR`` characters of the hit,
+    and not as a sign stated as absent ("no tremors or nausea")."""
+    lo, hi = max(0, start - NEAR), min(len(text), end + NEAR)
+    return all(
+        any(
+            not _denied(text[max(lo, m.start() - 80) : m.start()], ctx)
+            for m in rx.finditer(text, lo, hi)
+        )
+        for rx in rule.near
+    )
+
+
 def assess(
     rule: Rule, text: str, start: int, end: int, ctx: Context, *, any_drop_reason: bool = False
 ) -> Verdict:
@@ -110,6 +132,8 @@ def assess(
     if any_drop_reason:
         if rule.also and any(not rx.search(sentence) for rx in rule.also):
             return Verdict(False, rule.tier, "missing required context")
+        if not _near(rule, text, start, end, ctx):
+            return Verdict(False, rule.tier, "missing required context")
         if rule.unless is not None and rule.unless.search(sentence):
             return Verdict(False, rule.tier, "excluded phrase")
     before = text[s:start]
@@ -119,7 +143,9 @@ def assess(
             return Verdict(False, rule.tier, "idiom")
     if rule.unless is not None and rule.unless.search(sentence):
         return Verdict(False, rule.tier, "excluded phrase")
-    if any(not rx.search(sentence) for rx in rule.also):
+    if not rule.medical and ctx.joke.search(sentence) and not ctx.earnest.search(sentence):
+        return Verdict(False, rule.tier, "joke")
+    if any(not rx.search(sentence) for rx in rule.also) or not _near(rule, text, start, end, ctx):
         return Verdict(False, rule.tier, "missing required context")
     # A tier-2 concept rule rises to tier 1 on intent, plan, means or time words.
     tier = 1 if rule.upgrade is not None and rule.upgrade.search(sentence) else rule.tier
@@ -132,9 +158,9 @@ def assess(
         if rule.medical:
             return Verdict(False, rule.tier, "informational mention")
         reasons.append("informational: lowered")
+    if rule.medical and _denied(before, ctx):
+        return Verdict(False, rule.tier, "symptom stated as absent")
     if _negated(before, ctx):
-        if rule.medical and _denied(before, ctx):
-            return Verdict(False, rule.tier, "symptom stated as absent")
         reasons.append("negated: lowered to tier 2")
     historical = ctx.history.search(sentence) is not None and not ctx.present.search(sentence)
     if historical and rule.medical and _past_only(sentence, ctx):

@@ -82,6 +82,9 @@ class Rule:
     generic: bool
     keep_third_person: bool
     also: tuple[re.Pattern[str], ...]
+    # like ``also``, but anywhere within ``NEAR`` characters of the hit in the same
+    # field: a drug named in one sentence and its danger sign in the next
+    near: tuple[re.Pattern[str], ...]
     unless: re.Pattern[str] | None
     upgrade: re.Pattern[str] | None
     positive: tuple[str, ...]
@@ -114,6 +117,8 @@ class Context:
     idioms: re.Pattern[str]
     clause_break: re.Pattern[str]
     denial: re.Pattern[str]
+    joke: re.Pattern[str]
+    earnest: re.Pattern[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +175,14 @@ def _alternation(items: Any, macros: Mapping[str, str], where: str) -> re.Patter
     return _compile("|".join(f"(?:{i})" for i in items), macros, where)
 
 
-def _also(items: Any, macros: Mapping[str, str], where: str) -> tuple[re.Pattern[str], ...]:
-    """``also`` is one pattern or a list of them, every one required in the sentence."""
+def _also(
+    items: Any, macros: Mapping[str, str], where: str, key: str = "also"
+) -> tuple[re.Pattern[str], ...]:
+    """``also`` (or ``near``) is one pattern or a list of them, every one required."""
     if isinstance(items, str):
         items = [items]
     if not isinstance(items, list | tuple):
-        raise LexiconError(f"{where}: also must be a pattern or a list of patterns")
+        raise LexiconError(f"{where}: {key} must be a pattern or a list of patterns")
     return tuple(_compile(str(i), macros, where) for i in items)
 
 
@@ -208,6 +215,7 @@ def parse_lexicon(data: Mapping[str, Any]) -> Lexicon:
                 generic=bool(r.get("generic", False)),
                 keep_third_person=bool(r.get("keep_third_person", False)),
                 also=_also(r.get("also", ()), macros, rid),
+                near=_also(r.get("near", ()), macros, rid, "near"),
                 unless=_compile(r["unless"], macros, rid) if "unless" in r else None,
                 upgrade=_compile(r["upgrade"], macros, rid) if "upgrade" in r else None,
                 positive=tuple(r.get("positive", ())),
@@ -228,7 +236,9 @@ def parse_lexicon(data: Mapping[str, Any]) -> Lexicon:
             groups = gate_groups(rx) or [frozenset((t, True) for t in r.triggers)]
             # A hit is dropped unless its sentence matches every ``also`` pattern, so
             # what those force is a (sound) presence gate too.
-            context_groups = [g for a in r.also if (g := necessary_literals(a)) is not None]
+            context_groups = [
+                g for a in (*r.also, *r.near) if (g := necessary_literals(a)) is not None
+            ]
             first = first_literals(rx)
             lead = frozenset((w, True) for w in first) if first is not None else None
             positional = groups[0]

@@ -295,7 +295,6 @@ class Normalised:
 
     text: str
     maps: tuple[OffsetMap, ...]
-    tokens: frozenset[bytes]
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         for m in reversed(self.maps):
@@ -310,8 +309,8 @@ def normalise(raw: str, fuzzy: FuzzyIndex | None = None) -> Normalised:
     toks = frozenset(tb.split())
     t2, m2 = _stage2(t1, tb, toks, fuzzy)
     if m2 is None:
-        return Normalised(t1, (m1,), toks)
-    return Normalised(t2, (m1, m2), frozenset(token_bytes(t2).split()))
+        return Normalised(t1, (m1,))
+    return Normalised(t2, (m1, m2))
 
 
 _SQUASH_NON_WORD = re.compile(r"[^a-z0-9]+")

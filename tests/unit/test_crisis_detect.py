@@ -187,3 +187,62 @@ def test_devset_metrics(capsys: pytest.CaptureFixture[str]) -> None:
         print("\n" + bench.report(m))
     assert m["recall"] >= 0.98
     assert m["precision"] >= 0.80
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "this app is trash i want to die lol",
+        "if i have to do one more blood draw i'm gonna kms lmao jk",
+        "ya me volvio loca el portal, ya me quiero morir jaja",
+        "I'm dead 😂😂 your reminder says my appointment is with Dr. Undefined",
+    ],
+)
+def test_a_joke_with_nothing_earnest_beside_it_does_not_fire(text: str) -> None:
+    assert detect("", text, learned=False).tier is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "lol im fine 🙃 just kind of tired of existing tbh",  # an earnest cue
+        "i took like 30 tylenol tonight lol",  # what was taken, and when
+        "i want to die lol, not joking",
+        # a medical hit is never a joke: the laugh softens, it does not cancel
+        "squeezing in my chest that goes down into my left arm and I'm sweating, "
+        "probably just anxiety lol",
+    ],
+)
+def test_a_laugh_does_not_hide_an_earnest_or_medical_hit(text: str) -> None:
+    assert detect("", text, learned=False).tier is not None
+
+
+def test_near_context_may_be_in_the_next_sentence_but_not_denied() -> None:
+    # the drug in one sentence, its danger signs in the next
+    fired = detect("", "I'm on lithium. Now I'm vomiting and stumbling around confused.")
+    assert "en.med.lithium_toxicity" in fired.rule_ids
+    # the same signs stated as absent
+    quiet = detect("", "Please order my lithium level. I'm feeling stable, no tremors or nausea.")
+    assert "en.med.lithium_toxicity" not in quiet.rule_ids
+
+
+def test_a_title_s_dot_does_not_end_the_sentence() -> None:
+    # "Dr." used to cut the sentence, so the pain was not beside the nitro
+    text = (
+        "I've taken three of the nitroglycerin, five minutes apart like Dr. Fisher said, "
+        "and the pain hasn't let up at all."
+    )
+    res = detect("", text, learned=False)
+    assert "en.cp.nitro_not_helping" in res.rule_ids
+    assert res.tier == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "No me falta el aire, no tengo fiebre, es por la tos verdad?",
+        "no tengo hinchazon en la cara ni me cuesta respirar, nomas me pica",
+    ],
+)
+def test_a_symptom_denied_after_a_first_person_word_does_not_fire(text: str) -> None:
+    assert detect("", text, learned=False).tier is None

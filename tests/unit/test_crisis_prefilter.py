@@ -115,7 +115,7 @@ def _spread(text: str) -> str:
 def test_gate_never_hides_a_rule_that_matches() -> None:
     """Every unit whose regex matches a labelled mail is a candidate there, with a
     position inside its match (anchored units: at its start), unless the rule's ``also``
-    context is missing from the text (then no hit could be kept anyway)."""
+    or ``near`` context is missing from the text (then no hit could be kept anyway)."""
     lex = load_lexicon()
     for raw in _labelled_texts():
         for variant in (raw, _spread(raw)):
@@ -123,7 +123,7 @@ def test_gate_never_hides_a_rule_that_matches() -> None:
             found = lex.candidates(text)
             for u, unit in enumerate(lex.units):
                 rule = lex.rules[unit.rule]
-                if not all(a.search(text) for a in rule.also):
+                if not all(a.search(text) for a in (*rule.also, *rule.near)):
                     continue
                 for m in unit.regex.finditer(text):
                     if m.end() == m.start():
