@@ -56,10 +56,32 @@ def get_settings() -> Settings:
     return settings
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """What makes the event loop commands run on (None: asyncio's own).
+
+    uvloop's sockets and callbacks cost less CPU than asyncio's; measured back to back on
+    the ingest bench: 566-572 against 540-542 msg/s on SQLite, 407 against 393 on
+    PostgreSQL. ``auto`` takes it when it is installed.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("HELPDESK_EVENT_LOOP=uvloop, but uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; turn our own errors into one clean line and exit code."""
+    settings: Settings | None = _state["settings"]
     try:
-        return asyncio.run(coro)
+        factory = loop_factory(settings.event_loop if settings is not None else "auto")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
     except NotFoundError as exc:
         raise fail(str(exc), 1) from None
     except HelpdeskError as exc:

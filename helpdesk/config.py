@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     worker_id: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """auto: uvloop when it is installed (it is a dependency on Linux and macOS)."""
 
     @property
     def imap_port_effective(self) -> int:

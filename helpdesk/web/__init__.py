@@ -134,4 +134,5 @@ def serve(settings: Settings, host: str, port: int) -> None:
         log_level=settings.log_level.lower(),
         proxy_headers=True,
         server_header=False,
+        loop=settings.event_loop,  # uvicorn's "auto" also means uvloop when installed
     )
