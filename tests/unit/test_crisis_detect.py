@@ -246,3 +246,21 @@ def test_a_title_s_dot_does_not_end_the_sentence() -> None:
 )
 def test_a_symptom_denied_after_a_first_person_word_does_not_fire(text: str) -> None:
     assert detect("", text, learned=False).tier is None
+
+
+@pytest.mark.parametrize(
+    ("text", "tier"),
+    [
+        # someone else's event, told in Spanish: lowered, never cleared (suicide)
+        ("En marzo mi sobrino en Guadalajara se quito la vida, tenia 19 anos.", 2),
+        # an emergency visit already made is past, not a page
+        ("I went to the ER last Thursday with chest pain and they did an EKG.", 2),
+        # the same pain now is not past
+        ("I went to the ER last week for chest pain and now the chest pain is back", 1),
+        ("Esta aseguranza me va a matar, otra vez me negaron las tiras", None),
+        ("I about had a heart attack when I opened the bill for my colonoscopy", None),
+        ("Mom is in good spirits, she beat me at rummy last night", None),
+    ],
+)
+def test_past_third_person_and_figures_of_speech(text: str, tier: int | None) -> None:
+    assert detect("", text, learned=False).tier == tier
