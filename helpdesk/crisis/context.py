@@ -24,7 +24,9 @@ Invariants:
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
+from functools import lru_cache
 
 from helpdesk.crisis.lexicon import Context, Rule
 
@@ -108,13 +110,22 @@ def _past_only(sentence: str, ctx: Context) -> bool:
 def _near(rule: Rule, text: str, start: int, end: int, ctx: Context) -> bool:
     """Every ``near`` pattern of the rule matches within ``NEAR`` characters of the hit,
     and not as a sign stated as absent ("no tremors or nausea")."""
-    lo, hi = max(0, start - NEAR), min(len(text), end + NEAR)
-    return all(
-        any(
-            not _denied(text[max(lo, m.start() - 80) : m.start()], ctx)
-            for m in rx.finditer(text, lo, hi)
-        )
-        for rx in rule.near
+    for rx in rule.near:
+        starts = _signs(rx, text, ctx)
+        i = bisect_left(starts, start - NEAR)
+        if i == len(starts) or starts[i] >= end + NEAR:
+            return False
+    return True
+
+
+@lru_cache(maxsize=64)
+def _signs(rx: re.Pattern[str], text: str, ctx: Context) -> tuple[int, ...]:
+    """Where ``rx`` matches in ``text``, less the matches stated as absent. Found once a
+    text: a mail with many hits of one rule asks for the same field each time."""
+    return tuple(
+        m.start()
+        for m in rx.finditer(text)
+        if not _denied(text[max(0, m.start() - 80) : m.start()], ctx)
     )
 
 
