@@ -98,7 +98,14 @@ _YEAR = re.compile(r"\b(?:19|20)\d\d\b|\b(?:years?|decades?) ago\b|\bhace (?:\w+
 _RECOVERED = re.compile(
     r"\b(?:recovered|fully resolved|resolved|stable since|been (?:fine|stable|good|healthy)"
     r"|no problems since|completamente recuperad[oa]|ya esta (?:bien|recuperad[oa])"
-    r"|since then|desde entonces)\b"
+    r"|since then|desde entonces"
+    # a work-up that found nothing dangerous ("turned out to be reflux")
+    r"|turned out to be|it was (?:just |only |definitely )?(?:acid reflux|reflux|gerd|anxiety"
+    r"|heartburn|a pulled muscle|muscular|a chest cold|a panic attack)"
+    r"|was (?:definitely |just |only )?(?:the |a )?pulled muscle|no evidence of"
+    r"|(?:ekg|ecg|troponins?|work-?up|tests?|everything|all) (?:were |was |came back )?(?:normal"
+    r"|negative|fine|clear)|hasn'?t (?:come back|returned|happened again) since"
+    r"|me dijeron que (?:era|fue)|resulto (?:ser )?(?:ansiedad|reflujo|gastritis|un musculo))\b"
 )
 
 
