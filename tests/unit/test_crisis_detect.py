@@ -192,13 +192,17 @@ def test_devset_metrics(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "text",
     [
+        # a joke with nothing earnest beside it
         "this app is trash i want to die lol",
         "if i have to do one more blood draw i'm gonna kms lmao jk",
         "ya me volvio loca el portal, ya me quiero morir jaja",
         "I'm dead 😂😂 your reminder says my appointment is with Dr. Undefined",
+        # a symptom denied, even with a first-person word between the cue and the hit
+        "No me falta el aire, no tengo fiebre, es por la tos verdad?",
+        "no tengo hinchazon en la cara ni me cuesta respirar, nomas me pica",
     ],
 )
-def test_a_joke_with_nothing_earnest_beside_it_does_not_fire(text: str) -> None:
+def test_jokes_and_denied_symptoms_do_not_fire(text: str) -> None:
     assert detect("", text, learned=False).tier is None
 
 
@@ -235,17 +239,6 @@ def test_a_title_s_dot_does_not_end_the_sentence() -> None:
     res = detect("", text, learned=False)
     assert "en.cp.nitro_not_helping" in res.rule_ids
     assert res.tier == 1
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "No me falta el aire, no tengo fiebre, es por la tos verdad?",
-        "no tengo hinchazon en la cara ni me cuesta respirar, nomas me pica",
-    ],
-)
-def test_a_symptom_denied_after_a_first_person_word_does_not_fire(text: str) -> None:
-    assert detect("", text, learned=False).tier is None
 
 
 @pytest.mark.parametrize(
