@@ -62,7 +62,7 @@ MEDICAL = frozenset(
     {"chest_pain", "stroke", "breathing", "anaphylaxis", "bleeding", "medication_emergency"}
 )
 _HEAD = itemgetter(slice(0, 3))
-_MACRO = re.compile(r"%([a-z_]+)%")
+_MACRO = re.compile(r"%([a-z0-9_]+)%")
 _SPACE = r"[\s\-_*]+"
 _ANCHOR_BONUS = 3.0
 

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from helpdesk.crisis import detect
-from helpdesk.crisis.lexicon import CATEGORIES, LexiconError, load_lexicon, parse_lexicon
+from helpdesk.crisis.lexicon import (
+    CATEGORIES,
+    Context,
+    LexiconError,
+    load_lexicon,
+    parse_lexicon,
+)
+
+LEXICON = Path(__file__).resolve().parents[2] / "helpdesk" / "data" / "crisis_lexicon_v1.toml"
 
 LEX = load_lexicon()
 POSITIVES = [(r.id, ex) for r in LEX.rules for ex in r.positive]
@@ -39,24 +51,16 @@ def test_negative_example_does_not_fire_its_rule(rule_id: str, example: str) -> 
 def test_broken_lexicon_is_rejected() -> None:
     with pytest.raises(LexiconError):
         parse_lexicon({"rule": []})
-    ctx = {
-        k: ["x"]
-        for k in [
-            "negation",
-            "pseudo_negation",
-            "history",
-            "present",
-            "third_person",
-            "third_person_in_match",
-            "child",
-            "hypothetical",
-            "informational",
-            "hotline",
-            "first_person",
-            "idioms",
-            "clause_break",
-        ]
-    }
+    # every context cue present, so the rule itself is what is refused
+    ctx = {f.name: ["x"] for f in dataclasses.fields(Context)}
     bad = {"context": ctx, "rule": [{"id": "a", "lang": "en", "tier": 3, "category": "x"}]}
-    with pytest.raises(LexiconError):
+    with pytest.raises(LexiconError, match="bad tier"):
         parse_lexicon(bad)
+
+
+def test_a_macro_name_nobody_defined_is_refused_not_left_as_text() -> None:
+    # a name with a digit once slipped through as literal text, silently never matching
+    data = tomllib.loads(LEXICON.read_text(encoding="utf-8"))
+    data["rule"][0]["unless"] = "%aspirin81%"
+    with pytest.raises(LexiconError, match="unknown macro %aspirin81%"):
+        parse_lexicon(data)
