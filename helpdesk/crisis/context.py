@@ -147,23 +147,25 @@ def assess(
     """
     s, e = _sentence(text, start, end)
     sentence = text[s:e]
-    if any_drop_reason:
-        if rule.also and any(not rx.search(sentence) for rx in rule.also):
-            return Verdict(False, rule.tier, "missing required context")
-        if not _near(rule, text, start, end, ctx):
-            return Verdict(False, rule.tier, "missing required context")
-        if rule.unless is not None and rule.unless.search(sentence):
-            return Verdict(False, rule.tier, "excluded phrase")
+    # the rule's own context: required (also, near) and excluded (unless)
+    missing = any(not rx.search(sentence) for rx in rule.also) or not _near(
+        rule, text, start, end, ctx
+    )
+    excluded = rule.unless is not None and rule.unless.search(sentence) is not None
+    if any_drop_reason and (missing or excluded):
+        return Verdict(
+            False, rule.tier, "missing required context" if missing else "excluded phrase"
+        )
     before = text[s:start]
     match = text[start:end]
     for m in ctx.idioms.finditer(text, max(s, start - 60), min(e, end + 60)):
         if m.start() < end and m.end() > start:
             return Verdict(False, rule.tier, "idiom")
-    if rule.unless is not None and rule.unless.search(sentence):
+    if excluded:
         return Verdict(False, rule.tier, "excluded phrase")
     if not rule.medical and ctx.joke.search(sentence) and not ctx.earnest.search(sentence):
         return Verdict(False, rule.tier, "joke")
-    if any(not rx.search(sentence) for rx in rule.also) or not _near(rule, text, start, end, ctx):
+    if missing:
         return Verdict(False, rule.tier, "missing required context")
     # A tier-2 concept rule rises to tier 1 on intent, plan, means or time words.
     tier = 1 if rule.upgrade is not None and rule.upgrade.search(sentence) else rule.tier
