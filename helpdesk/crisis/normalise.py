@@ -177,7 +177,10 @@ class FuzzyIndex:
     __slots__ = ("_allow", "_checked", "_heads", "_tails", "_targets", "correct")
 
     def __init__(self, targets: Iterable[str], allow: Iterable[str]) -> None:
-        self._targets = frozenset(t for t in targets if len(t) >= 6)
+        # Sorted, not a set: a token one edit from two targets ("overdoses": overdose,
+        # overdosed) must get the same correction in every process (str hashing is
+        # salted per process, so a set's order is not).
+        self._targets = tuple(sorted({t for t in targets if len(t) >= 6}))
         self._allow = frozenset(a.encode() for a in (*allow, *self._targets))
         self._heads = frozenset(t[:3].encode() for t in self._targets)
         self._tails = frozenset(t[-3:].encode() for t in self._targets)

@@ -72,3 +72,55 @@ def test_span_is_always_inside_the_original() -> None:
 
 def test_squash_keeps_words_only() -> None:
     assert squash("  988 Suicide &amp; Crisis\nLifeline!! ") == "988 suicide crisis lifeline"
+
+
+def _ambiguous_typos() -> list[str]:
+    """Words one edit from two fuzzy targets or more (e.g. a deletion from one and a
+    substitution from another), which are not themselves targets or allowed words."""
+    from helpdesk.crisis.normalise import _osa_le1
+
+    targets = sorted(FUZZY._targets)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: set[str] = set()
+    for t in targets:
+        for i in range(len(t) + 1):
+            words.update(t[:i] + c + t[i:] for c in letters)  # insertions
+            if i < len(t):
+                words.add(t[:i] + t[i + 1 :])  # deletions
+                words.update(t[:i] + c + t[i + 1 :] for c in letters)  # substitutions
+    return sorted(
+        w
+        for w in words
+        if w not in targets and sum(_osa_le1(w, t) for t in targets) >= 2 and len(w) >= 5
+    )
+
+
+def test_a_typo_near_two_targets_is_corrected_alike_in_every_process() -> None:
+    # str hashing is salted per process: a correction that depends on a set's order
+    # would classify the same mail differently after a worker restart.
+    import os
+    import subprocess
+    import sys
+
+    words = _ambiguous_typos()
+    assert words  # e.g. "overdosez": overdose and overdosed
+    code = (
+        "import sys\n"
+        "from helpdesk.crisis.lexicon import load_lexicon\n"
+        "from helpdesk.crisis.normalise import normalise\n"
+        "f = load_lexicon().fuzzy\n"
+        "print(normalise(sys.stdin.read(), f).text)\n"
+    )
+    outputs = set()
+    for seed in ("1", "2", "3", "4"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            input=" ".join(words),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout
+        outputs.add(out)
+    assert len(outputs) == 1
