@@ -5,7 +5,8 @@ plain text), run the lexicon rules whose necessary literals occur (``prefilter``
 literal scan, then each rule only near its literals), drop hits inside quoted
 replies or our own templates, weigh each remaining hit in its sentence, and return the
 most urgent tier with every hit, where it is and why. When no rule fires, a learned model
-(``model``) scores each sentence; a likely crisis sentence is a tier-2 hit of its own
+(``model``) scores each sentence, with the words of hits the lexicon judged harmless
+blanked ("no chest pain", an idiom); a likely crisis sentence is a tier-2 hit of its own
 (rule id ``model.<version>``, its category named by a second model from that sentence),
 so wording the lexicon has never seen still escalates.
 
@@ -41,6 +42,20 @@ _MAX_HITS = 50
 _SENTENCE_END = re.compile(r"[.!?]+")
 # Half-width of the window scanned around a trigger: longer than any lexicon match.
 _REACH = 130
+# Why a hit is dropped when the lexicon has judged the words themselves harmless here (a
+# symptom stated as absent, an idiom, a past or someone else's event, an information
+# question): the learned model does not read those words again. A rule's own excluded
+# phrases are not on the list: many are shallow ("cat" beside a cut, "cough" beside a
+# chest), and the model is the second opinion for exactly those.
+_DISMISSED = frozenset(
+    {
+        "symptom stated as absent",
+        "idiom",
+        "past medical event",
+        "someone else's past event",
+        "informational mention",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +139,15 @@ def _normalised(lex: Lexicon, field: Field, raw: str) -> Normalised:
 
 
 def _scan(
-    lex: Lexicon, field: Field, raw: str, norm: Normalised, own_templates: Sequence[str]
+    lex: Lexicon,
+    field: Field,
+    raw: str,
+    norm: Normalised,
+    own_templates: Sequence[str],
+    dismissed: list[tuple[int, int]],
 ) -> list[tuple[CrisisHit, bool]]:
+    """The kept hits of one field; the normalised spans of hits dropped as harmless
+    (``_DISMISSED``) are added to ``dismissed``."""
     text = norm.text
     found = lex.candidates(text)
     if not found:
@@ -161,6 +183,8 @@ def _scan(
             if v.keep:
                 hit = CrisisHit(rule.id, rule.category, v.tier, field, a, z, v.reason)
                 out.append((hit, rule.generic))
+            elif v.reason in _DISMISSED:
+                dismissed.append((start, end))
             if len(out) >= _MAX_HITS:
                 return out
     return out
@@ -175,10 +199,15 @@ def _detect(
         ("subject", subject, _normalised(lex, "subject", subject)),
         ("body", body, _normalised(lex, "body", body)),
     ]
-    found = [hg for f, raw, norm in fields for hg in _scan(lex, f, raw, norm, own_templates)]
+    dismissed: dict[Field, list[tuple[int, int]]] = {"subject": [], "body": []}
+    found = [
+        hg
+        for f, raw, norm in fields
+        for hg in _scan(lex, f, raw, norm, own_templates, dismissed[f])
+    ]
     if not found:
         # Wording the lexicon does not know: the learned model's opinion, at tier 2.
-        hit = _model_hit(fields, own_templates) if learned else None
+        hit = _model_hit(fields, own_templates, dismissed) if learned else None
         if hit is None:
             return CrisisResult(None, None, (), lex.version)
         return CrisisResult(hit.tier, hit.category, (hit,), lex.version)
@@ -188,24 +217,36 @@ def _detect(
     return CrisisResult(best.tier, best.category, tuple(h for h, _ in found), lex.version)
 
 
+def _blank(text: str, spans: Sequence[tuple[int, int]]) -> str:
+    """``text`` with each span turned to spaces (same length: offsets hold)."""
+    for a, z in spans:
+        text = f"{text[:a]}{' ' * (z - a)}{text[z:]}"
+    return text
+
+
 def _model_hit(
-    fields: Sequence[tuple[Field, str, Normalised]], own_templates: Sequence[str]
+    fields: Sequence[tuple[Field, str, Normalised]],
+    own_templates: Sequence[str],
+    dismissed: dict[Field, list[tuple[int, int]]],
 ) -> CrisisHit | None:
-    """The model's most likely crisis sentence, when it is likely enough."""
+    """The model's most likely crisis sentence, when it is likely enough. Words the
+    lexicon dismissed ("no chest pain", "choking on the price") are blanked first: the
+    model cannot tell a denied symptom from a reported one."""
     model = load_model()
     # Like a bare mention in the lexicon, a sentence about hotlines and emergency rooms
     # (return precautions, signatures, newsletters) is not the patient's crisis.
     hotline = load_lexicon().context.hotline.search
     best: tuple[float, Field, int, int, str] | None = None
     for field, raw, norm in fields:
-        scored = model.likely(norm.text, skip=lambda sentence: hotline(sentence) is not None)
+        text = _blank(norm.text, dismissed[field])
+        scored = model.likely(text, skip=lambda sentence: hotline(sentence) is not None)
         if scored is None:
             continue
         a, z = norm.span(scored.start, scored.end)
         if own_templates and _overlaps(a, z, template_spans(raw, own_templates)):
             continue
         if best is None or scored.probability > best[0]:
-            best = (scored.probability, field, a, z, norm.text[scored.start : scored.end])
+            best = (scored.probability, field, a, z, text[scored.start : scored.end])
     if best is None:
         return None
     p, field, a, z, sentence = best

@@ -105,6 +105,26 @@ def test_the_model_ignores_quotes_and_our_own_templates(monkeypatch: pytest.Monk
     assert detect("", "Thanks!\n\nIf you feel zorblax, call or text 988.\n").tier is None
 
 
+def test_the_model_does_not_reread_what_the_lexicon_dismissed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def chesty() -> Model:
+        feats = {"chest": [1.0, 9.0], "choking": [1.0, 9.0]}
+        return parse_model({"version": "t2", "threshold": 0.7, "bias": -3.0, "features": feats})
+
+    monkeypatch.setattr(detect_module, "load_model", chesty)
+    denied = "No chest pain, just a cough since Monday."
+    idiom = "I am choking on the price of these new glasses."
+    assert detect("", denied).tier is None
+    assert detect("", idiom).tier is None
+    # the same words the lexicon has not judged are the model's to score
+    assert detect("", "My chest feels strange.").rule_ids == ("model.t2",)
+    # and without the blanking the model would have raised both
+    monkeypatch.setattr(detect_module, "_DISMISSED", frozenset())
+    assert detect("", denied).rule_ids == ("model.t2",)
+    assert detect("", idiom).rule_ids == ("model.t2",)
+
+
 def test_a_rule_hit_takes_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(detect_module, "load_model", _tiny)
     res = detect("", "I want to kill myself, zorblax")
