@@ -94,7 +94,7 @@ def _denied(before: str, ctx: Context) -> bool:
     return any(ctx.denial.search(" ".join(words[: len(words) - k])) for k in range(3))
 
 
-_YEAR = re.compile(r"\b(?:19|20)\d\d\b|\b(?:years?|decades?) ago\b|\bhace (?:\w+ )?anos\b")
+_YEAR = re.compile(r"\b(?:19|20)\d\d\b|\b(?:years?|yrs?|decades?) ago\b|\bhace (?:\w+ )?anos\b")
 _RECOVERED = re.compile(
     r"\b(?:recovered|fully resolved|resolved|stable since|been (?:fine|stable|good|healthy)"
     r"|no problems since|completamente recuperad[oa]|ya esta (?:bien|recuperad[oa])"

@@ -54,6 +54,16 @@ def test_tiers(text: str, tier: int | None, category: str | None) -> None:
         "what is the max dose of tylenol per day",
         "my prescription is overdue",
         "the side effects list mentions chest pain, should I worry",
+        "I'm choking on the price of these new glasses",
+        "Me estoy ahogando en papeleo con la aplicacion de Medicaid.",
+        "I'm having a stroke trying to figure out your billing portal.",
+        "I'd rather die than pay this late fee, I paid on the 1st.",
+        "this heat is going to kill me, my ankles swell in the afternoon",
+        "I overdosed on Christmas cookies and my sugar was 190 this morning.",
+        "im literally dead 💀 the drs handwriting on my school note",
+        "Half my face is numb and droopy from the dental anesthetic this morning.",
+        "tuve un infarto en 2018 y me hicieron un cateterismo, estoy bien desde entonces",
+        "she had a bad asthma attack 2 yrs ago and was in the PICU, fine since",
     ],
 )
 def test_idioms_and_information_do_not_fire(text: str) -> None:
