@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from helpdesk.crisis import detect  # noqa: E402
 from helpdesk.crisis.model import CATEGORY_FILE, MODEL_FILE, sentences, tokens  # noqa: E402
 from helpdesk.crisis.normalise import normalise  # noqa: E402
-from helpdesk.crisis.quotes import mask, quoted_spans  # noqa: E402
+from helpdesk.crisis.quotes import is_forward, mask, quoted_spans  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "crisis"
 OUT = ROOT / "helpdesk" / MODEL_FILE
@@ -49,7 +49,7 @@ Row = dict[str, Any]
 def fields(row: Row) -> list[str]:
     """The normalised texts the detector scores: the subject and the unquoted body."""
     body = row["body"]
-    quoted = quoted_spans(body)
+    quoted = quoted_spans(body, forwarded=is_forward(row["subject"]))
     return [normalise(row["subject"]).text, normalise(mask(body, quoted) if quoted else body).text]
 
 

@@ -98,7 +98,8 @@ _YEAR = re.compile(r"\b(?:19|20)\d\d\b|\b(?:years?|yrs?|decades?) ago\b|\bhace (
 _RECOVERED = re.compile(
     r"\b(?:recovered|fully resolved|resolved|stable since|been (?:fine|stable|good|healthy)"
     r"|no problems since|completamente recuperad[oa]|ya esta (?:bien|recuperad[oa])"
-    r"|since then|desde entonces"
+    r"|since then|desde entonces|out of the hospital|(?:rehab|recovery) is going (?:great|well)"
+    r"|ya sali del hospital"
     # a work-up that found nothing dangerous ("turned out to be reflux")
     r"|turned out to be|it was (?:just |only |definitely )?(?:acid reflux|reflux|gerd|anxiety"
     r"|heartburn|a pulled muscle|muscular|a chest cold|a panic attack)"

@@ -33,7 +33,7 @@ from helpdesk.crisis.lexicon import Lexicon, Unit, load_lexicon
 from helpdesk.crisis.model import load_category_model, load_model
 from helpdesk.crisis.normalise import Normalised, normalise
 from helpdesk.crisis.prefilter import spaced
-from helpdesk.crisis.quotes import mask, quoted_spans, template_spans
+from helpdesk.crisis.quotes import is_forward, mask, quoted_spans, template_spans
 
 __all__ = ["CrisisHit", "CrisisResult", "detect"]
 
@@ -131,10 +131,10 @@ def _sentence_bounds(text: str) -> list[int]:
     return [0, *[m.end() for m in _SENTENCE_END.finditer(text)], len(text)]
 
 
-def _normalised(lex: Lexicon, field: Field, raw: str) -> Normalised:
+def _normalised(lex: Lexicon, field: Field, raw: str, forwarded: bool = False) -> Normalised:
     # Quoted replies are blanked before anything else (same length, so offsets hold):
     # they can never fire, and long reply chains are most of a long mail.
-    quoted = quoted_spans(raw) if field == "body" else []
+    quoted = quoted_spans(raw, forwarded=forwarded) if field == "body" else []
     return normalise(mask(raw, quoted) if quoted else raw, lex.fuzzy)
 
 
@@ -197,7 +197,7 @@ def _detect(
     body = text if text.strip() else (html or "")
     fields: list[tuple[Field, str, Normalised]] = [
         ("subject", subject, _normalised(lex, "subject", subject)),
-        ("body", body, _normalised(lex, "body", body)),
+        ("body", body, _normalised(lex, "body", body, is_forward(subject))),
     ]
     dismissed: dict[Field, list[tuple[int, int]]] = {"subject": [], "body": []}
     found = [

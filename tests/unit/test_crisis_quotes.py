@@ -91,3 +91,61 @@ def test_reply_above_template_still_fires() -> None:
 )
 def test_hotline_in_signature_does_not_fire(signature: str) -> None:
     assert detect("", signature).tier is None
+
+
+def test_text_below_a_quote_is_new() -> None:
+    # bottom-posting: the attribution quotes only the > lines under it
+    mail = (
+        "On Tue, Nov 5, 2024 at 2:52 PM Help Desk <help@example.org> wrote:\n"
+        "> If you are thinking about suicide, call or text 988.\n"
+        ">\n"
+        "> On Mon, Nov 4, 2024 Pat <pat@example.com> wrote:\n"
+        "> > What dose did the doctor decide on?\n"
+        "\n"
+        "I took five of the 1 mg tablets an hour ago and I'm slurring my words.\n"
+    )
+    res = detect("Re: dose", mail)
+    assert res.tier == 1
+    assert all(mail.index("I took") <= h.start for h in res.hits)
+    assert quoted_spans(mail)[0] == (0, mail.index("I took"))
+
+
+def test_a_forward_from_a_person_is_read() -> None:
+    gmail = (
+        "My dad texted me this from his truck and now he isn't answering.\n\n"
+        "---------- Forwarded message ---------\n"
+        "From: Dad <dad@example.net>\nDate: Wed, Dec 18, 2024 at 1:39 PM\n"
+        "Subject: Re: dinner\nTo: Nadia <n@example.net>\n\n"
+        "pulling over. chest real tight cant catch breath. sweating bad\n"
+    )
+    assert detect("Fwd: Re: dinner", gmail).tier == 1
+    outlook = (
+        "My girlfriend sent me this a few minutes ago. She's alone.\n\n"
+        "________________________________\n"
+        "From: Noor <noor@example.net>\nSent: Friday, May 31, 2024 5:52 PM\n"
+        "To: Marnie <m@example.net>\nSubject: sorry\n\n"
+        "i want to kill myself tonight. don't be mad at me.\n"
+    )
+    assert detect("FW: sorry", outlook).tier == 1
+    # the same block under a reply's subject is the quoted original
+    assert detect("RE: sorry", outlook).tier is None
+
+
+def test_a_forwarded_bulletin_and_older_replies_in_a_forward_stay_quoted() -> None:
+    leaflet = (
+        "Is this still right for me?\n\n"
+        "---------- Forwarded message ---------\n"
+        "From: ValleyRx Pharmacy <noreply@valleyrx.example>\n"
+        "Date: Wed, Jul 16, 2025\nSubject: oxycodone\n\n"
+        "Call 911 if someone taking this medicine won't wake up or is barely breathing.\n"
+    )
+    assert detect("Fwd: Important information", leaflet).tier is None
+    older = (
+        "See below, all fine now.\n\n"
+        "---------- Forwarded message ---------\n"
+        "From: Sam <sam@example.net>\nDate: Mon\nSubject: Re: hi\n\n"
+        "glad to hear it!\n\n"
+        "On Sun, Jun 1, 2025 at 9:00 AM Pat <pat@example.com> wrote:\n"
+        "I want to kill myself\n"
+    )
+    assert detect("Fwd: Re: hi", older).tier is None
