@@ -64,10 +64,31 @@ def test_tiers(text: str, tier: int | None, category: str | None) -> None:
         "Half my face is numb and droopy from the dental anesthetic this morning.",
         "tuve un infarto en 2018 y me hicieron un cateterismo, estoy bien desde entonces",
         "she had a bad asthma attack 2 yrs ago and was in the PICU, fine since",
+        "I've never had any chest pain, dizziness, fainting, or shortness of breath.",
+        "no tengo dolor de pecho ni me falta el aire, es solo para revisar",
+        "The portal is going to give me a stroke",
+        "I can't lift my arm above my head since the shoulder injury, and it wakes me up",
     ],
 )
 def test_idioms_and_information_do_not_fire(text: str) -> None:
     assert detect("", text).tier is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a list of denied symptoms ends at a turn, a new subject, a bare comma or "and"
+        "No fever, but chest pain since this morning.",
+        "no fever or cough and now I can't breathe",
+        "no fever or cough and my chest is crushing",
+        "no fever or cough, chest pressure since noon",
+        "no tengo fiebre y me duele mucho el pecho",
+        "no fever, no cough, or chills, just crushing chest pain",
+        "Not sleeping, not eating, and I can't breathe when I lie down",
+    ],
+)
+def test_a_symptom_after_a_denied_list_still_fires(text: str) -> None:
+    assert detect("", text, learned=False).tier == 1
 
 
 def test_subject_counts_like_the_body() -> None:
