@@ -217,13 +217,6 @@ def _detect(
     return CrisisResult(best.tier, best.category, tuple(h for h, _ in found), lex.version)
 
 
-def _blank(text: str, spans: Sequence[tuple[int, int]]) -> str:
-    """``text`` with each span turned to spaces (same length: offsets hold)."""
-    for a, z in spans:
-        text = f"{text[:a]}{' ' * (z - a)}{text[z:]}"
-    return text
-
-
 def _model_hit(
     fields: Sequence[tuple[Field, str, Normalised]],
     own_templates: Sequence[str],
@@ -238,7 +231,7 @@ def _model_hit(
     hotline = load_lexicon().context.hotline.search
     best: tuple[float, Field, int, int, str] | None = None
     for field, raw, norm in fields:
-        text = _blank(norm.text, dismissed[field])
+        text = mask(norm.text, dismissed[field])
         scored = model.likely(text, skip=lambda sentence: hotline(sentence) is not None)
         if scored is None:
             continue

@@ -217,12 +217,13 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def mask(text: str, spans: Sequence[tuple[int, int]]) -> str:
-    """Blank the spans with spaces, keeping newlines and every offset."""
+    """Blank the spans (in any order, overlapping or not) with spaces, keeping newlines
+    and every offset."""
     if not spans:
         return text
     parts: list[str] = []
     last = 0
-    for a, z in spans:
+    for a, z in _merge(list(spans)):
         parts.append(text[last:a])
         parts.append(re.sub(r"[^\n]", " ", text[a:z]))
         last = z

@@ -61,6 +61,8 @@ def test_mask_keeps_offsets() -> None:
     assert masked.startswith("abc\n")
     assert masked.endswith("ghi")
     assert "def" not in masked
+    # spans in any order, overlapping or not (detect blanks dismissed hits this way)
+    assert mask("no chest pain here", [(8, 13), (3, 9)]) == "no " + " " * 10 + " here"
 
 
 def test_pasted_template_is_ignored() -> None:
