@@ -35,7 +35,7 @@ from helpdesk.crisis.normalise import Normalised, normalise
 from helpdesk.crisis.prefilter import spaced
 from helpdesk.crisis.quotes import is_forward, mask, quoted_spans, template_spans
 
-__all__ = ["CrisisHit", "CrisisResult", "detect"]
+__all__ = ["CrisisHit", "CrisisResult", "detect", "model_texts"]
 
 Field = Literal["subject", "body"]
 _MAX_HITS = 50
@@ -190,15 +190,36 @@ def _scan(
     return out
 
 
+def _fields(
+    lex: Lexicon, subject: str, text: str, html: str | None
+) -> list[tuple[Field, str, Normalised]]:
+    """Each field's original text and its normalised form, quoted replies blanked."""
+    body = text if text.strip() else (html or "")
+    return [
+        ("subject", subject, _normalised(lex, "subject", subject)),
+        ("body", body, _normalised(lex, "body", body, is_forward(subject))),
+    ]
+
+
+def model_texts(subject: str, text: str, html: str | None = None) -> list[str]:
+    """The texts the learned model scores for this mail when no rule fires: each field
+    normalised, quoted replies and the words of dismissed hits blanked. The training
+    script reads mails through this, so the model learns from what it is shown here."""
+    lex = load_lexicon()
+    fields = _fields(lex, subject or "", text or "", html)
+    out = []
+    for f, raw, norm in fields:
+        dismissed: list[tuple[int, int]] = []
+        _scan(lex, f, raw, norm, (), dismissed)
+        out.append(mask(norm.text, dismissed))
+    return out
+
+
 def _detect(
     subject: str, text: str, html: str | None, own_templates: Sequence[str], learned: bool
 ) -> CrisisResult:
     lex = load_lexicon()
-    body = text if text.strip() else (html or "")
-    fields: list[tuple[Field, str, Normalised]] = [
-        ("subject", subject, _normalised(lex, "subject", subject)),
-        ("body", body, _normalised(lex, "body", body, is_forward(subject))),
-    ]
+    fields = _fields(lex, subject, text, html)
     dismissed: dict[Field, list[tuple[int, int]]] = {"subject": [], "body": []}
     found = [
         hg

@@ -125,6 +125,20 @@ def test_the_model_does_not_reread_what_the_lexicon_dismissed(
     assert detect("", idiom).rule_ids == ("model.t2",)
 
 
+def test_model_texts_are_what_the_model_is_shown() -> None:
+    # the training script reads every mail through model_texts: the same preparation
+    # detect gives the model (lexicon corrections, quotes and dismissed words blanked)
+    subject, body = "Fwd: refill", "No chest pain, just a cough.\n\nOn Mon, A <a@b.c> wrote:\n> hi"
+    texts = detect_module.model_texts(subject, body)
+    assert len(texts) == 2
+    assert len(texts[1]) == len(body)  # offsets hold
+    assert "chest" not in texts[1] and "cough" in texts[1]
+    assert "> hi" not in texts[1]
+    assert texts[0].startswith("fwd: refill")
+    # a misspelling the lexicon corrects reaches the model corrected, as in detect
+    assert detect_module.model_texts("", "i feel sucidal")[1] == "i feel suicidal"
+
+
 def test_a_rule_hit_takes_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(detect_module, "load_model", _tiny)
     res = detect("", "I want to kill myself, zorblax")
