@@ -84,30 +84,28 @@ def _negated(before: str, ctx: Context) -> bool:
 
 
 # A denial that runs over a list: "never had any chest pain, dizziness, fainting, or
-# shortness of breath", "no tengo dolor de pecho ni me falta el aire". Each item is a few
-# words without a turn ("but", "now", "still") or a new subject or verb ("and I can't
-# breathe", "and my chest is crushing"), ended by a comma or a conjunction; the last one
-# before the hit by "or", "nor", "ni" or "o": after a bare comma or "and" the next
-# symptom may be a new statement ("no fever or cough, chest pressure since noon").
-_TURN = (
-    r"but|pero|aunque|except|however|now|ahora|today|hoy|still|todavia|yet|i|i'm|im|my|he|she"
-    r"|his|her|it|it's|its|we|they|yo|mi|ella|can't|cant|cannot|can|is|are|feel|feels|hurts"
-)
-_LIST_ITEM = rf"(?:(?!\b(?:{_TURN})\b)[ \w'-]){{1,30}}"
-_LIST_DENIAL = re.compile(
-    r"\b(?:no|never|not|without|denies|deny|denied|negative for|free of|didn'?t have"
-    r"|don'?t have|doesn'?t have|haven'?t had|hasn'?t had|never had|no tengo|no tiene|sin"
-    r"|nunca)\b(?: any)?"
-    rf"(?:{_LIST_ITEM}(?:,|\bor\b|\bnor\b|\bni\b|\bo\b|\band\b|\by\b)){{0,5}}"
-    rf"{_LIST_ITEM},?\s*\b(?:or|nor|ni|o)\b"
-    rf"(?: (?!(?:{_TURN})\b)[\w'-]+){{0,4}}\s*$"
-)
+# shortness of breath", "no tengo dolor de pecho ni me falta el aire". The words that open
+# it and the turn words that end it are the lexicon's (``list_denial``, ``list_turn``);
+# how a list is strung together is here. Each item is a few words without a turn ("but",
+# "now", "still") or a new subject or verb ("and I can't breathe", "and my chest is
+# crushing"), ended by a comma or a conjunction; the last one before the hit by "or",
+# "nor", "ni" or "o": after a bare comma or "and" the next symptom may be a new statement
+# ("no fever or cough, chest pressure since noon").
+@lru_cache(maxsize=4)
+def _list_denial(opener: str, turn: str) -> re.Pattern[str]:
+    item = rf"(?:(?!\b(?:{turn})\b)[ \w'-]){{1,30}}"
+    return re.compile(
+        rf"(?:{opener})(?: any)?"
+        rf"(?:{item}(?:,|\bor\b|\bnor\b|\bni\b|\bo\b|\band\b|\by\b)){{0,5}}"
+        rf"{item},?\s*\b(?:or|nor|ni|o)\b"
+        rf"(?: (?!(?:{turn})\b)[\w'-]+){{0,4}}\s*$"
+    )
 
 
 def _denied(before: str, ctx: Context) -> bool:
     """The words right before the hit say the symptom is absent ("no", "denies"), also as
     the next item of a denied list."""
-    if _LIST_DENIAL.search(before[-200:]):
+    if _list_denial(ctx.list_denial.pattern, ctx.list_turn.pattern).search(before[-200:]):
         return True
     b = _last(ctx.clause_break, before)
     clause = before[b.end() :] if b else before
@@ -118,25 +116,9 @@ def _denied(before: str, ctx: Context) -> bool:
     return any(ctx.denial.search(" ".join(words[: len(words) - k])) for k in range(3))
 
 
-_YEAR = re.compile(r"\b(?:19|20)\d\d\b|\b(?:years?|yrs?|decades?) ago\b|\bhace (?:\w+ )?anos\b")
-_RECOVERED = re.compile(
-    r"\b(?:recovered|fully resolved|resolved|stable since|been (?:fine|stable|good|healthy)"
-    r"|no problems since|completamente recuperad[oa]|ya esta (?:bien|recuperad[oa])"
-    r"|since then|desde entonces|out of the hospital|(?:rehab|recovery) is going (?:great|well)"
-    r"|ya sali del hospital"
-    # a work-up that found nothing dangerous ("turned out to be reflux")
-    r"|turned out to be|it was (?:just |only |definitely )?(?:acid reflux|reflux|gerd|anxiety"
-    r"|heartburn|a pulled muscle|muscular|a chest cold|a panic attack)"
-    r"|was (?:definitely |just |only )?(?:the |a )?pulled muscle|no evidence of"
-    r"|(?:ekg|ecg|troponins?|work-?up|tests?|everything|all) (?:were |was |came back )?(?:normal"
-    r"|negative|fine|clear)|hasn'?t (?:come back|returned|happened again)(?: since)?"
-    r"|me dijeron que (?:era|fue)|resulto (?:ser )?(?:ansiedad|reflujo|gastritis|un musculo))\b"
-)
-
-
 def _past_only(sentence: str, ctx: Context) -> bool:
     """A medical event dated to a past year, or one stated as over ("fully resolved")."""
-    return bool(_YEAR.search(sentence) or _RECOVERED.search(sentence))
+    return bool(ctx.dated.search(sentence) or ctx.recovered.search(sentence))
 
 
 def _near(rule: Rule, text: str, start: int, end: int, ctx: Context) -> bool:

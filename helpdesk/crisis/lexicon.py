@@ -119,6 +119,10 @@ class Context:
     denial: re.Pattern[str]
     joke: re.Pattern[str]
     earnest: re.Pattern[str]
+    list_denial: re.Pattern[str]
+    list_turn: re.Pattern[str]
+    dated: re.Pattern[str]
+    recovered: re.Pattern[str]
 
 
 @dataclass(frozen=True, slots=True)
