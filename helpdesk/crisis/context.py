@@ -190,7 +190,9 @@ def assess(
     if _negated(before, ctx):
         reasons.append("negated: lowered to tier 2")
     historical = ctx.history.search(sentence) is not None and not ctx.present.search(sentence)
-    if historical and rule.medical and _past_only(sentence, ctx):
+    # the writer's own event, dated or stated as over: an overdose in 2019 "and clean
+    # since" is history like a heart attack in 2019 (never a suicide or self-harm hit)
+    if historical and rule.medical_or_poison and _past_only(sentence, ctx):
         return Verdict(False, rule.tier, "past medical event")
     if historical:
         reasons.append("historical: lowered")

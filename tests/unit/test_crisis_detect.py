@@ -288,3 +288,18 @@ def test_a_title_s_dot_does_not_end_the_sentence() -> None:
 )
 def test_past_third_person_and_figures_of_speech(text: str, tier: int | None) -> None:
     assert detect("", text, learned=False).tier == tier
+
+
+@pytest.mark.parametrize(
+    ("text", "tier"),
+    [
+        # the writer's own overdose, dated and over: history, like a past heart attack
+        ("I overdosed on opioids in 2019 and I've been clean for five years", None),
+        ("Back in 2015 I was hospitalized after an accidental overdose. Records?", None),
+        # the same history beside anything present is still read
+        ("I overdosed in 2019 and tonight I'm thinking about doing it again", 1),
+        ("I overdosed in 2019 and I feel like that again now", 1),
+    ],
+)
+def test_a_past_overdose_of_the_writer_is_history(text: str, tier: int | None) -> None:
+    assert detect("", text, learned=False).tier == tier
