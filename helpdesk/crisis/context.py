@@ -3,8 +3,8 @@
 Job: given a rule that matched normalised text at ``[start, end)``, decide from the
 surrounding sentence whether the hit is dropped (idiom, a joke with nothing earnest
 beside it, excluded phrase, hotline or signature text, an informational or someone
-else's past medical event, a symptom stated as absent) or lowered to tier 2 (negated,
-historical, third-person, hypothetical), and say why.
+else's past medical event, a symptom stated as absent, a pet's emergency) or lowered to
+tier 2 (negated, historical, third-person, hypothetical), and say why.
 
 Invariants:
 - Context never raises a tier and never clears a suicide or self-harm hit except as an
@@ -174,6 +174,10 @@ def assess(
         return Verdict(False, rule.tier, "joke")
     if missing:
         return Verdict(False, rule.tier, "missing required context")
+    # A pet's emergency is the vet's: a medical hit in a sentence about an animal, with no
+    # person in it ("our cat is wheezing", "the puppy ate my pills" is still read: "my").
+    if rule.medical_or_poison and ctx.animal.search(sentence) and not ctx.human.search(sentence):
+        return Verdict(False, rule.tier, "an animal's emergency")
     # A tier-2 concept rule rises to tier 1 on intent, plan, means or time words.
     tier = 1 if rule.upgrade is not None and rule.upgrade.search(sentence) else rule.tier
     first_person_here = ctx.first_person.search(sentence) is not None

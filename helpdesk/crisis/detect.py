@@ -44,9 +44,9 @@ _SENTENCE_END = re.compile(r"[.!?]+")
 _REACH = 130
 # Why a hit is dropped when the lexicon has judged the words themselves harmless here (a
 # symptom stated as absent, an idiom, a past or someone else's event, an information
-# question): the learned model does not read those words again. A rule's own excluded
-# phrases are not on the list: many are shallow ("cat" beside a cut, "cough" beside a
-# chest), and the model is the second opinion for exactly those.
+# question, a pet's emergency): the learned model does not read those words again. A
+# rule's own excluded phrases are not on the list: many are shallow ("cat" beside a cut,
+# "cough" beside a chest), and the model is the second opinion for exactly those.
 _DISMISSED = frozenset(
     {
         "symptom stated as absent",
@@ -54,6 +54,7 @@ _DISMISSED = frozenset(
         "past medical event",
         "someone else's past event",
         "informational mention",
+        "an animal's emergency",
     }
 )
 

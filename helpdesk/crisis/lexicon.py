@@ -122,6 +122,8 @@ class Context:
     list_denial: re.Pattern[str]
     list_turn: re.Pattern[str]
     dated: re.Pattern[str]
+    animal: re.Pattern[str]
+    human: re.Pattern[str]
     recovered: re.Pattern[str]
 
 

@@ -303,3 +303,18 @@ def test_past_third_person_and_figures_of_speech(text: str, tier: int | None) ->
 )
 def test_a_past_overdose_of_the_writer_is_history(text: str, tier: int | None) -> None:
     assert detect("", text, learned=False).tier == tier
+
+
+@pytest.mark.parametrize(
+    ("text", "tier"),
+    [
+        # a pet's emergency is the vet's
+        ("Our parakeet can't seem to breathe right, he's bobbing his tail.", None),
+        ("sorry wrong inbox, my cat is choking on a hairball", None),
+        # a person in the same sentence keeps the hit
+        ("The dog bit my son's face and it is bleeding heavily.", 1),
+        ("Our cat scratched me and now my throat is swelling and I can't breathe", 1),
+    ],
+)
+def test_an_animal_s_emergency_is_not_a_page(text: str, tier: int | None) -> None:
+    assert detect("", text, learned=False).tier == tier
