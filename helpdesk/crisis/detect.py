@@ -202,18 +202,32 @@ def _fields(
     ]
 
 
+def _scan_fields(
+    lex: Lexicon, fields: Sequence[tuple[Field, str, Normalised]], own_templates: Sequence[str]
+) -> tuple[list[tuple[CrisisHit, bool]], dict[Field, list[tuple[int, int]]]]:
+    """The kept hits of every field, and per field the spans of hits dropped as harmless."""
+    dismissed: dict[Field, list[tuple[int, int]]] = {"subject": [], "body": []}
+    found = [
+        hg
+        for f, raw, norm in fields
+        for hg in _scan(lex, f, raw, norm, own_templates, dismissed[f])
+    ]
+    return found, dismissed
+
+
+def _model_text(norm: Normalised, dismissed: Sequence[tuple[int, int]]) -> str:
+    """What the learned model reads of a field: its words the lexicon dismissed blanked."""
+    return mask(norm.text, dismissed)
+
+
 def model_texts(subject: str, text: str, html: str | None = None) -> list[str]:
     """The texts the learned model scores for this mail when no rule fires: each field
     normalised, quoted replies and the words of dismissed hits blanked. The training
     script reads mails through this, so the model learns from what it is shown here."""
     lex = load_lexicon()
     fields = _fields(lex, subject or "", text or "", html)
-    out = []
-    for f, raw, norm in fields:
-        dismissed: list[tuple[int, int]] = []
-        _scan(lex, f, raw, norm, (), dismissed)
-        out.append(mask(norm.text, dismissed))
-    return out
+    _, dismissed = _scan_fields(lex, fields, ())
+    return [_model_text(norm, dismissed[f]) for f, _, norm in fields]
 
 
 def _detect(
@@ -221,12 +235,7 @@ def _detect(
 ) -> CrisisResult:
     lex = load_lexicon()
     fields = _fields(lex, subject, text, html)
-    dismissed: dict[Field, list[tuple[int, int]]] = {"subject": [], "body": []}
-    found = [
-        hg
-        for f, raw, norm in fields
-        for hg in _scan(lex, f, raw, norm, own_templates, dismissed[f])
-    ]
+    found, dismissed = _scan_fields(lex, fields, own_templates)
     if not found:
         # Wording the lexicon does not know: the learned model's opinion, at tier 2.
         hit = _model_hit(fields, own_templates, dismissed) if learned else None
@@ -253,7 +262,7 @@ def _model_hit(
     hotline = load_lexicon().context.hotline.search
     best: tuple[float, Field, int, int, str] | None = None
     for field, raw, norm in fields:
-        text = mask(norm.text, dismissed[field])
+        text = _model_text(norm, dismissed[field])
         scored = model.likely(text, skip=lambda sentence: hotline(sentence) is not None)
         if scored is None:
             continue
