@@ -498,16 +498,28 @@ class Pipeline:
         self, prepared: Sequence[Prepared], *, folder: str, uidvalidity: int | None
     ) -> BatchResult:
         """Store crisis mail ahead of the queue (the crisis scout): same transaction rules,
-        but the cursor stays put, so the main loop later meets these mails as duplicates."""
-        async with self._transaction() as (session, before_writes):
-            return await self._store(
-                session,
-                prepared,
-                folder=folder,
-                uidvalidity=uidvalidity,
-                move_cursor=False,
-                before_writes=before_writes,
-            )
+        but the cursor stays put, so the main loop later meets these mails as duplicates.
+
+        The lookups come before the write lock, so the main loop may store one of these
+        mails in between, and the insert then hits the unique Message-ID: nothing was
+        written, and a second transaction finds the mail stored and counts it a duplicate
+        (as :meth:`store` does in its mail-by-mail retry)."""
+        for attempt in (1, 2):
+            try:
+                async with self._transaction() as (session, before_writes):
+                    return await self._store(
+                        session,
+                        prepared,
+                        folder=folder,
+                        uidvalidity=uidvalidity,
+                        move_cursor=False,
+                        before_writes=before_writes,
+                    )
+            except sa_exc.IntegrityError:
+                if attempt == 2:
+                    raise
+                log.info("priority store met the main loop on the same mail; storing again")
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _set_aside(
         self, one: Prepared, exc: BaseException, *, folder: str, uidvalidity: int | None

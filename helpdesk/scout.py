@@ -20,8 +20,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from sqlalchemy.exc import IntegrityError
-
 from helpdesk.mailbox import Backoff, ImapMailbox, MailboxError, wait_or_stop
 from helpdesk.pipeline import Pipeline
 
@@ -79,19 +77,9 @@ class CrisisScout:
                 if prepared.crisis.tier is not None:
                     crises.append(prepared)
             if crises:
-                try:
-                    result = await self.pipeline.store_priority(
-                        crises, folder=self.folder, uidvalidity=uidvalidity
-                    )
-                except IntegrityError:
-                    # The main loop stored one of these mails between this transaction's
-                    # lookups and its writes (a unique Message-ID): nothing was written.
-                    # Again, the lookups find it stored and count it a duplicate, so the
-                    # rest still jump the queue and nothing is escalated twice.
-                    log.info("crisis scout met the main loop on the same mail; storing again")
-                    result = await self.pipeline.store_priority(
-                        crises, folder=self.folder, uidvalidity=uidvalidity
-                    )
+                result = await self.pipeline.store_priority(
+                    crises, folder=self.folder, uidvalidity=uidvalidity
+                )
                 stored = sum(o.action in ("created", "appended") for o in result.outcomes)
                 found += stored
                 self.fast_tracked += stored
